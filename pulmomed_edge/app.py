@@ -1,0 +1,228 @@
+"""The composition root: `create_app(settings)` wires every long-lived resource once.
+
+The server listens at once; models and the index load in the background (health says
+"starting" meanwhile). Each component records its own status and, if it failed, why and how to
+fix it. Everything opened here is closed on shutdown, in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+
+from . import __version__
+from .cache import ResponseCache
+from .cases import CaseLibrary
+from .config import Settings, manifest_path
+from .errors import PulmoMedError
+from .schema import TeacherResponse
+
+log = logging.getLogger(__name__)
+
+Status = Literal["loading", "ready", "failed"]
+
+
+@dataclass
+class Component:
+    status: Status = "loading"
+    detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    fix: str | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        self.status = "failed"
+        if isinstance(exc, PulmoMedError):
+            self.error = f"{exc.mensaje} / {exc.message}"
+            self.fix = exc.fix or None
+        else:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, **self.detail}
+        if self.error:
+            out["error"] = self.error
+        if self.fix:
+            out["fix"] = self.fix
+        return out
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers may use; filled in by the background loader."""
+
+    settings: Settings
+    library: CaseLibrary
+    cache: ResponseCache[TeacherResponse]
+    started: float = field(default_factory=time.monotonic)
+    components: dict[str, Component] = field(
+        default_factory=lambda: {n: Component() for n in ("embeddings", "index", "llm")}
+    )
+    rate_limiter: Any = None
+    retriever: Any = None
+    teacher: Any = None
+    engine: Any = None
+    closers: list[Any] = field(default_factory=list)
+    loader: asyncio.Task[None] | None = None
+
+    @property
+    def status(self) -> str:
+        states = {c.status for c in self.components.values()}
+        if "loading" in states:
+            return "starting"
+        return "healthy" if states == {"ready"} else "degraded"
+
+
+STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
+
+
+def create_app(settings: Settings) -> web.Application:
+    from .http.middlewares import RateLimiter, error_middleware
+    from .http.routes import add_routes
+
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app[STATE] = ServerState(
+        settings=settings,
+        library=CaseLibrary.load(),
+        cache=ResponseCache(settings.cache_size, settings.cache_ttl_s),
+    )
+    app[STATE].rate_limiter = RateLimiter(settings.rate_limit_per_min, time.monotonic)
+    app.cleanup_ctx.append(_resources)
+    add_routes(app)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.loader = asyncio.create_task(load_components(state))
+    yield
+    state.loader.cancel()
+    try:
+        await state.loader
+    except (asyncio.CancelledError, Exception):
+        pass
+    for close in reversed(state.closers):
+        try:
+            await asyncio.to_thread(close)
+        except Exception:
+            log.exception("closing a resource failed")
+
+
+async def load_components(state: ServerState) -> None:
+    """Load embeddings → index → LLM; each failure is recorded, never raised."""
+    from .model_store import ModelStore
+
+    settings = state.settings
+    store = ModelStore(settings.models_dir, manifest_path())
+    retriever = None
+    index_id = ""
+    try:
+        encoder, encoder_sha = await asyncio.to_thread(_open_encoder, store, settings)
+        state.closers.append(encoder.close)
+        state.components["embeddings"].status = "ready"
+        state.components["embeddings"].detail = {"model": "all-MiniLM-L6-v2 int8", "sha256": encoder_sha, "dim": encoder.dim}
+    except Exception as exc:
+        log.error("embeddings failed: %s", exc)
+        state.components["embeddings"].fail(exc)
+        state.components["index"].fail(RuntimeError("needs the embedding model"))
+    else:
+        try:
+            retriever, index = await asyncio.to_thread(_open_index, settings, encoder, encoder_sha)
+            state.closers.append(index.close)
+            state.retriever = retriever
+            index_id = index.index_id
+            state.components["index"].status = "ready"
+            state.components["index"].detail = {"passages": len(index), "index_id": index_id}
+        except Exception as exc:
+            log.error("index failed: %s", exc)
+            state.components["index"].fail(exc)
+    llm = None
+    try:
+        llm = await asyncio.to_thread(_open_llm, store, settings, state)
+        state.components["llm"].status = "ready"
+    except Exception as exc:
+        log.error("LLM failed: %s", exc)
+        state.components["llm"].fail(exc)
+    if retriever is not None:
+        from .teacher import TeacherConfig, TeacherService
+
+        state.teacher = TeacherService(
+            library=state.library,
+            search=retriever.search,
+            index_id=index_id,
+            cache=state.cache,
+            config=TeacherConfig(
+                budget_s=settings.budget_s,
+                max_new_tokens=settings.max_new_tokens,
+                top_k_passages=settings.top_k_passages,
+                max_prompt_tokens=settings.max_prompt_tokens,
+            ),
+            llm=llm,
+        )
+        if llm is not None:
+            prefix = await asyncio.to_thread(state.teacher.warm_prefix)
+            llm.engine.start(warm_prefix=prefix)
+    elif llm is not None:
+        llm.engine.start()
+    log.info("PulmoMed Edge: %s", state.status)
+
+
+def _open_encoder(store: Any, settings: Settings) -> tuple[Any, str]:
+    from .embeddings import EmbeddingEncoder
+
+    onnx = store.verify(store.default_name("embeddings", test=settings.test_models))
+    tokenizer = store.verify(store.default_name("tokenizer", test=settings.test_models))
+    sha = store.entry(store.default_name("embeddings", test=settings.test_models)).sha256
+    return EmbeddingEncoder(onnx, tokenizer, threads=1), sha
+
+
+def _open_index(settings: Settings, encoder: Any, encoder_sha: str) -> tuple[Any, Any]:
+    from .index import KnowledgeIndex
+    from .lexical import LexicalIndex
+    from .retrieval import Retriever
+
+    index = KnowledgeIndex.load(settings.index_dir, encoder_sha256=encoder_sha, dim=encoder.dim)
+    return Retriever(index, encoder, LexicalIndex(index.passages)), index
+
+
+def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
+    from .engine import GenerationEngine
+    from .engine.chat import ChatTemplate
+    from .engine.runtime import LlamaRuntime, RuntimeConfig
+    from .teacher import LanguageModel
+
+    name = settings.model or store.default_name("llm", test=settings.test_models)
+    component = state.components["llm"]
+    entry = store.entry(name)
+    component.detail = {"model": name, "sha256": entry.sha256, "loaded": False}
+    path = store.verify(name)
+    runtime = LlamaRuntime(
+        RuntimeConfig(
+            model_path=path,
+            n_ctx=settings.effective_n_ctx,
+            n_seq=settings.slots,
+            n_threads=settings.effective_threads,
+        )
+    )
+    engine = GenerationEngine(
+        runtime,
+        slots=settings.slots,
+        queue_size=settings.queue_size,
+        max_context_per_slot=settings.max_prompt_tokens + settings.max_new_tokens + 40,
+    )
+    state.engine = engine
+    state.closers.append(runtime.close)
+    state.closers.append(engine.stop)  # closed first (reverse order): stop the worker, then free
+    component.detail.update({"loaded": True, "slots": settings.slots, "n_ctx": runtime.n_ctx})
+    return LanguageModel(
+        name=name,
+        sha256=entry.sha256,
+        engine=engine,
+        template=ChatTemplate.from_runtime(runtime),
+        tokenize=runtime.tokenize,
+    )

@@ -1,0 +1,146 @@
+"""The canonical, bucketed simulation state: the one thing a prompt and a cache key are built from.
+
+Two students whose states fall in the same buckets get the same prompt and may share an answer;
+anything that would change the prompt is in the buckets, so a cache hit never hands one student
+another student's different case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from .cases import LibraryCase
+from .schema import SimulationState, approximate_stage
+
+TREATMENT_NAMES = {
+    "ninguno": "ninguno",
+    "quimio": "quimioterapia",
+    "radio": "radioterapia",
+    "inmuno": "inmunoterapia",
+}
+DIET_NAMES = {"saludable": "saludable", "normal": "normal", "mala": "poco saludable"}
+LUNG_STATE_NAMES = {
+    "sano": "sano",
+    "en_riesgo": "en riesgo",
+    "estable": "estable",
+    "progresando": "progresando",
+    "critico": "crítico",
+    "terminal": "terminal",
+}
+
+
+@dataclass(frozen=True)
+class CanonicalState:
+    age_band: str
+    smoking: str  # "nunca" | "exfumador" | "fumador"
+    pack_years_band: str
+    smoking_change_band: str
+    diet: str
+    stage: str
+    resistant_band: str
+    treatment: str
+    treatment_days_band: str
+    mode: str
+    case_id: str | None
+    lung_state: str | None
+
+    def key_material(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
+
+
+def canonicalize(state: SimulationState) -> CanonicalState:
+    decade = min(state.edad // 10 * 10, 90)
+    if state.es_fumador:
+        smoking = "fumador"
+    elif state.pack_years > 0:
+        smoking = "exfumador"
+    else:
+        smoking = "nunca"
+    total = state.total_volume
+    return CanonicalState(
+        age_band=f"{decade}-{decade + 9}",
+        smoking=smoking,
+        pack_years_band=_band(state.pack_years, [(0, "0"), (10, "menos de 10"), (20, "10-19"),
+                                                   (30, "20-29"), (50, "30-49")], "50 o más"),
+        smoking_change_band="" if smoking == "nunca" else _band(
+            state.dias_desde_cambio, [(0, ""), (30, "menos de 1 mes"), (365, "menos de 1 año"),
+                                      (5 * 365, "1-5 años"), (15 * 365, "5-15 años")], "más de 15 años"),
+        diet=state.dieta,
+        stage=approximate_stage(total),
+        resistant_band=_resistant_band(state.volumen_tumor_resistente, total),
+        treatment=state.tratamiento_activo,
+        treatment_days_band="" if state.tratamiento_activo == "ninguno" else _band(
+            state.dias_tratamiento, [(0, "recién iniciado"), (30, "menos de 30 días"),
+                                     (90, "30-89 días")], "90 días o más"),
+        mode=state.modo,
+        case_id=state.caso_id if state.modo == "biblioteca" else None,
+        lung_state=state.lung_state,
+    )
+
+
+def _band(value: float, upper_bounds: list[tuple[float, str]], top: str) -> str:
+    """The label of the first band whose bound the value stays below (bound 0 means == 0)."""
+    for bound, label in upper_bounds:
+        if (bound == 0 and value == 0) or (bound > 0 and value < bound):
+            return label
+    return top
+
+
+def _resistant_band(resistant: float, total: float) -> str:
+    if total <= 0 or resistant <= 0:
+        return "0 %"
+    fraction = resistant / total
+    if fraction < 0.10:
+        return "menos del 10 %"
+    if fraction < 0.30:
+        return "10-30 %"
+    return "más del 30 %"
+
+
+def smoking_phrase(c: CanonicalState) -> str:
+    if c.smoking == "nunca":
+        return "nunca fumador"
+    text = f"{'fumador activo' if c.smoking == 'fumador' else 'exfumador'}, {c.pack_years_band} paquetes-año"
+    if c.smoking_change_band:
+        verb = "dejó de fumar hace" if c.smoking == "exfumador" else "fuma de nuevo desde hace"
+        text += f" ({verb} {c.smoking_change_band})"
+    return text
+
+
+def treatment_phrase(c: CanonicalState) -> str:
+    if c.treatment == "ninguno":
+        return "sin tratamiento activo"
+    return f"{TREATMENT_NAMES[c.treatment]} ({c.treatment_days_band})"
+
+
+def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
+    """Spanish queries, most important first, each aimed at one aspect of the state."""
+    stage_roman = c.stage.split(" ")[0].rstrip("+")
+    queries: list[str] = []
+    if c.treatment == "ninguno":
+        queries.append(f"tratamiento recomendado del cáncer de pulmón no microcítico estadio {c.stage}")
+    else:
+        queries.append(
+            f"{TREATMENT_NAMES[c.treatment]} en cáncer de pulmón no microcítico estadio "
+            f"{stage_roman}: respuesta y efectos adversos"
+        )
+    if c.resistant_band not in ("0 %",):
+        queries.append("población resistente, selección clonal y resistencia adquirida al tratamiento")
+    if c.smoking == "fumador":
+        queries.append("beneficios de dejar de fumar tras el diagnóstico de cáncer de pulmón")
+    elif c.smoking == "exfumador":
+        queries.append("exfumador paquetes-año riesgo de cáncer de pulmón y cribado")
+    else:
+        queries.append("cáncer de pulmón en nunca fumadores: adenocarcinoma y mutaciones EGFR ALK")
+    if case is not None:
+        queries.insert(0, f"{case.caso_id} {case.titulo}")
+        queries.append(" ".join(case.objetivos_aprendizaje[:2]))
+    return queries
+
+
+def cache_key(c: CanonicalState, passage_ids: list[str], model_sha: str, index_id: str) -> str:
+    """Same key ⇔ same prompt: the canonical state, the passages, the model and the index."""
+    material = "\x1f".join([c.key_material(), ",".join(passage_ids), model_sha, index_id])
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()

@@ -1,0 +1,232 @@
+"""`pulmomed-edge`: a thin command line over the library (serve, models, index, search, eval, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import sys
+from pathlib import Path
+
+from .config import CORPUS_DIR, Settings, manifest_path
+from .errors import PulmoMedError
+
+log = logging.getLogger("pulmomed_edge")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PulmoMedError as exc:
+        print(f"error: {exc.message}\n  {exc.mensaje}", file=sys.stderr)
+        if exc.fix:
+            print(f"  fix / solución: {exc.fix}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pulmomed-edge", description="PulmoMed Edge: the offline AI teacher.")
+    sub = p.add_subparsers()
+
+    serve = sub.add_parser("serve", help="serve the headset API on the classroom LAN")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", help="model store name (see `models list`)")
+    serve.add_argument("--threads", type=int)
+    serve.add_argument("--slots", type=int, help="answers generated at once")
+    serve.add_argument("--budget", type=float, dest="budget_s", help="seconds before the fallback answer")
+    serve.add_argument("--test-models", action="store_true", default=None, help="use the small test models")
+    serve.set_defaults(func=_serve)
+
+    models = sub.add_parser("models", help="fetch, verify and register model files").add_subparsers()
+    fetch = models.add_parser("fetch", help="download and verify the pinned models")
+    fetch.add_argument("--test", action="store_true", help="the small test set")
+    fetch.set_defaults(func=_models_fetch)
+    verify = models.add_parser("verify", help="re-hash model files against the manifest")
+    verify.add_argument("names", nargs="*")
+    verify.add_argument("--test", action="store_true")
+    verify.set_defaults(func=_models_verify)
+    add = models.add_parser("add", help="register a GGUF copied onto this machine")
+    add.add_argument("path", type=Path)
+    add.add_argument("--name", required=True)
+    add.set_defaults(func=_models_add)
+    models.add_parser("list", help="list known models").set_defaults(func=_models_list)
+
+    index = sub.add_parser("index", help="build the knowledge index").add_subparsers()
+    build = index.add_parser("build", help="embed the corpus (and lab documents) into the index")
+    build.add_argument("--corpus", type=Path, default=CORPUS_DIR)
+    build.add_argument("--add", type=Path, action="append", default=[], help="a folder of .md/.txt documents")
+    build.add_argument("--if-stale", action="store_true", help="only when missing or out of date")
+    build.set_defaults(func=_index_build)
+
+    search = sub.add_parser("search", help="search the knowledge base as the teacher does")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5)
+    search.set_defaults(func=_search)
+
+    ev = sub.add_parser("eval", help="evaluations").add_subparsers()
+    er = ev.add_parser("retrieval", help="hit@1/3/5 and MRR over a JSONL query file")
+    er.add_argument("file", type=Path)
+    er.set_defaults(func=_eval_retrieval)
+
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
+    return p
+
+
+# --- serve ---------------------------------------------------------------------------------
+def setup_logging(settings: Settings) -> Path | None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(fmt)
+    root.addHandler(err)
+    try:
+        settings.log_dir.mkdir(parents=True, exist_ok=True)
+        path = settings.log_dir / "pulmomed-edge.log"
+        fh = logging.handlers.RotatingFileHandler(path, maxBytes=5_000_000, backupCount=3, encoding="utf-8")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+        return path
+    except OSError as exc:
+        log.warning("cannot write logs to %s: %s", settings.log_dir, exc)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .app import create_app
+    from .network import teacher_urls
+
+    settings = Settings.from_env(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        threads=args.threads,
+        slots=args.slots,
+        budget_s=args.budget_s,
+        test_models=args.test_models,
+    )
+    log_path = setup_logging(settings)
+    app = create_app(settings)
+    urls = teacher_urls(settings.host, settings.port)
+    banner = [
+        "PulmoMed Edge — profesor virtual / AI teacher",
+        "Direcciones para los visores / headset addresses:",
+        *[f"    {u}" for u in urls],
+        f"Estado / status page: {urls[0]}/",
+        f"Registro / log: {log_path}",
+        "Ctrl+C para detener / to stop.",
+    ]
+    print("\n".join(banner), file=sys.stderr, flush=True)
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    return 0
+
+
+# --- models --------------------------------------------------------------------------------
+def _store(settings: Settings | None = None):  # noqa: ANN202
+    from .model_store import ModelStore
+
+    settings = settings or Settings.from_env()
+    return ModelStore(settings.models_dir, manifest_path())
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    store = _store()
+    names = store.set_names("test" if args.test else "default")
+    for path in store.fetch(names):
+        print(f"ok  {path}")
+    return 0
+
+
+def _models_verify(args: argparse.Namespace) -> int:
+    store = _store()
+    names = args.names or store.set_names("test" if args.test else "default")
+    for name in names:
+        print(f"ok  {name}  {store.verify(name, full=True, progress=True)}")
+    return 0
+
+
+def _models_add(args: argparse.Namespace) -> int:
+    entry = _store().add(args.path, args.name)
+    print(f"registered {entry.name} sha256={entry.sha256}\n  serve with: pulmomed-edge serve --model {entry.name}")
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    store = _store()
+    for e in store.entries():
+        present = store.path_for(e.name).exists()
+        print(f"{e.name:40s} {e.role:11s} {'present' if present else 'missing'}  {e.sha256[:12]}")
+    return 0
+
+
+# --- index, search, eval -------------------------------------------------------------------
+def _encoder(settings: Settings):  # noqa: ANN202
+    from .embeddings import EmbeddingEncoder
+
+    store = _store(settings)
+    onnx_name = store.default_name("embeddings")
+    onnx = store.verify(onnx_name)
+    tok = store.verify(store.default_name("tokenizer"))
+    return EmbeddingEncoder(onnx, tok, threads=settings.effective_threads), store.entry(onnx_name).sha256
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    from .corpus import chunk_documents, load_corpus
+    from .index import KnowledgeIndex, index_is_stale
+
+    settings = Settings.from_env()
+    passages = load_corpus(args.corpus)
+    for folder in args.add:
+        passages += chunk_documents(folder)
+    encoder, sha = _encoder(settings)
+    try:
+        if args.if_stale and not index_is_stale(settings.index_dir, passages, sha):
+            print(f"index up to date: {settings.index_dir}")
+            return 0
+        index = KnowledgeIndex.build(passages, encoder, settings.index_dir, encoder_sha256=sha)
+        print(f"built {settings.index_dir}: {len(index)} passages, id {index.index_id}")
+        index.close()
+    finally:
+        encoder.close()
+    return 0
+
+
+def _open_retriever(settings: Settings):  # noqa: ANN202
+    from .index import KnowledgeIndex
+    from .lexical import LexicalIndex
+    from .retrieval import Retriever
+
+    encoder, sha = _encoder(settings)
+    index = KnowledgeIndex.load(settings.index_dir, encoder_sha256=sha, dim=encoder.dim)
+    return Retriever(index, encoder, LexicalIndex(index.passages))
+
+
+def _search(args: argparse.Namespace) -> int:
+    retriever = _open_retriever(Settings.from_env())
+    for rank, hit in enumerate(retriever.search(args.query, args.k), 1):
+        mark = "" if hit.grounded else "  (no fundamentado)"
+        print(f"{rank}. [{hit.score:.4f}] {hit.passage.titulo} — {hit.passage.fuente}{mark}")
+        print(f"   {hit.passage.id}: {hit.passage.texto[:160]}…")
+    return 0
+
+
+def _eval_retrieval(args: argparse.Namespace) -> int:
+    from .retrieval import evaluate
+
+    retriever = _open_retriever(Settings.from_env())
+    result = evaluate(retriever, args.file)
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    return 0

@@ -1,0 +1,127 @@
+"""Settings for one PulmoMed Edge process, and where its files live.
+
+Every knob has a default, a `PULMOMED_*` environment variable and (for `serve`) a flag. Paths follow
+one rule so the same code runs from a checkout and from a read-only bundle: a checkout keeps models
+and the index beside the code (`models/`, `index/`); anything else (the bundle) uses the
+platformdirs user data dir. Logs always go to the platformdirs user log dir.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+APP_NAME = "pulmomed-edge"
+APP_AUTHOR = "PulmoMed"
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+KNOWLEDGE_DIR = PACKAGE_DIR / "knowledge"
+CORPUS_DIR = KNOWLEDGE_DIR / "corpus"
+CASES_FILE = KNOWLEDGE_DIR / "cases.json"
+
+
+def repo_root() -> Path | None:
+    """The source checkout this package runs from, or None (installed wheel, frozen bundle)."""
+    if getattr(sys, "frozen", False):
+        return None
+    root = PACKAGE_DIR.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "models").is_dir() else None
+
+
+def _user_data_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME, APP_AUTHOR))
+
+
+def _user_log_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_log_dir(APP_NAME, APP_AUTHOR))
+
+
+def default_models_dir() -> Path:
+    root = repo_root()
+    return root / "models" if root else _user_data_dir() / "models"
+
+
+def default_index_dir() -> Path:
+    root = repo_root()
+    return root / "index" / "current" if root else _user_data_dir() / "index" / "current"
+
+
+def manifest_path() -> Path:
+    """The tracked manifest of pinned model files (shipped inside the bundle as data)."""
+    root = repo_root()
+    if root:
+        return root / "models" / "manifest.json"
+    return PACKAGE_DIR / "data" / "models-manifest.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one server process needs to know; built once by the CLI, passed down."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    model: str = ""  # model store name; "" = the manifest's default (or test) LLM
+    test_models: bool = False
+    threads: int = 0  # 0 = all physical cores we can see
+    slots: int = 8
+    n_ctx: int = 0  # 0 = sized from slots × (max prompt + answer)
+    max_prompt_tokens: int = 768
+    max_new_tokens: int = 200
+    budget_s: float = 15.0
+    queue_size: int = 32
+    temperature: float = 0.3
+    seed: int = 7
+    top_k_passages: int = 3
+    cache_size: int = 256
+    cache_ttl_s: float = 300.0
+    rate_limit_per_min: int = 10
+    max_body_bytes: int = 64 * 1024
+    models_dir: Path = field(default_factory=default_models_dir)
+    index_dir: Path = field(default_factory=default_index_dir)
+    log_dir: Path = field(default_factory=_user_log_dir)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Defaults, then PULMOMED_* variables, then explicit overrides (CLI flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"PULMOMED_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _coerce(f.type, raw, f.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)
+
+    @property
+    def effective_threads(self) -> int:
+        return self.threads if self.threads > 0 else max(1, os.cpu_count() or 1)
+
+    @property
+    def effective_n_ctx(self) -> int:
+        if self.n_ctx > 0:
+            return self.n_ctx
+        # one shared system prefix + every slot's own prompt and answer
+        return self.max_prompt_tokens + self.slots * (self.max_prompt_tokens + self.max_new_tokens)
+
+
+def _coerce(type_name: object, raw: str, name: str) -> object:
+    kind = str(type_name)
+    try:
+        if kind == "bool":
+            return raw.strip().lower() in {"1", "true", "yes", "si", "sí", "on"}
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw).expanduser()
+    except ValueError as exc:
+        raise ValueError(f"PULMOMED_{name.upper()}={raw!r}: {exc}") from exc
+    return raw

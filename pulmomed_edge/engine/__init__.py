@@ -1,0 +1,29 @@
+"""The generation engine: the llama.cpp runtime, per-sequence sampling and the batching scheduler."""
+
+from __future__ import annotations
+
+from .scheduler import (
+    DoneEvent,
+    EngineBusy,
+    EngineEvent,
+    EngineStopped,
+    ErrorEvent,
+    GenerationEngine,
+    GenerationTask,
+    Phase,
+    TextEvent,
+)
+from .sampling import SamplingParams
+
+__all__ = [
+    "DoneEvent",
+    "EngineBusy",
+    "EngineEvent",
+    "EngineStopped",
+    "ErrorEvent",
+    "GenerationEngine",
+    "GenerationTask",
+    "Phase",
+    "SamplingParams",
+    "TextEvent",
+]

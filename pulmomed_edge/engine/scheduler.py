@@ -1,0 +1,451 @@
+"""The generation engine: one worker thread, the llama context, and a continuous-batching loop.
+
+Requests are tasks in a bounded queue. Between decode steps the worker admits queued tasks into
+free slots (each slot is one KV sequence), reusing the longest cached token prefix any slot holds;
+every step decodes one token for each generating slot plus a bounded chunk of prompt for slots
+still prefilling, so a long prompt never freezes the others' streams. Events (text, done, error)
+go back through each task's `sink`, which must be thread-safe (the teacher wraps the event loop's
+call_soon_threadsafe). Nothing else ever touches the context.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .runtime import LlamaRuntime, Utf8Stream
+from .sampling import GrammarRejected, SamplingParams, SequenceSampler
+
+log = logging.getLogger(__name__)
+
+SENTENCE_END = (".", "!", "?")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A section of the answer with a length budget.
+
+    When the model writes `marker` itself, the next phase starts. When the phase reaches
+    `soft_tokens` at the end of a sentence, or `hard_tokens` anywhere, the engine writes
+    `transition` for it (the last phase simply ends)."""
+
+    soft_tokens: int
+    hard_tokens: int
+    marker: str = ""
+    transition: str = ""
+
+
+@dataclass
+class TextEvent:
+    text: str
+
+
+@dataclass
+class DoneEvent:
+    text: str
+    finish: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    reused_tokens: int
+    new_tokens: int
+    queued_s: float
+    first_token_s: float | None
+    total_s: float
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+
+
+EngineEvent = TextEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class GenerationTask:
+    prompt: list[int]
+    sink: Callable[[EngineEvent], None]
+    max_new_tokens: int = 200
+    phases: tuple[Phase, ...] = ()
+    grammar: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class EngineBusy(RuntimeError):
+    """The queue is full: answer the student at once instead of making them wait."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is not running (not started, failed, or shut down)."""
+
+
+@dataclass
+class _Slot:
+    seq: int
+    kv_tokens: list[int] = field(default_factory=list)  # exactly what this sequence's KV holds
+    task: GenerationTask | None = None
+    pending: list[int] = field(default_factory=list)  # tokens to decode before the next sample
+    sampler: SequenceSampler | None = None
+    stream: Utf8Stream | None = None
+    text: str = ""
+    new_tokens: int = 0
+    phase: int = 0
+    phase_start_tokens: int = 0
+    phase_start_chars: int = 0
+    reused: int = 0
+    started: float = 0.0
+    first_token: float | None = None
+    last_used: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class GenerationEngine:
+    """Owns the runtime after start(); the only thread that calls llama.cpp is its worker."""
+
+    def __init__(
+        self,
+        runtime: LlamaRuntime,
+        *,
+        slots: int,
+        queue_size: int = 32,
+        prefill_chunk: int = 64,
+        max_context_per_slot: int | None = None,
+    ) -> None:
+        self.rt = runtime
+        self.slots = [_Slot(seq=i) for i in range(slots)]
+        self.queue_size = queue_size
+        self.prefill_chunk = prefill_chunk
+        self.max_context_per_slot = max_context_per_slot or runtime.n_ctx // max(1, slots)
+        self._queue: deque[GenerationTask] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._warm_prefix: list[int] = []
+        self.failure: str | None = None
+        self._task_seconds = 0.0  # moving average of one task's service time (admission)
+        self.counters = {
+            "generations": 0,
+            "completed": 0,
+            "cancelled": 0,
+            "errors": 0,
+            "prompt_tokens": 0,
+            "reused_tokens": 0,
+            "new_tokens": 0,
+            "decode_steps": 0,
+        }
+
+    # --- public API (any thread) ------------------------------------------------------------
+    def start(self, warm_prefix: list[int] | None = None) -> None:
+        self._warm_prefix = list(warm_prefix or [])
+        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, task: GenerationTask) -> None:
+        with self._cv:
+            if self._stopping or self._thread is None or not self._thread.is_alive():
+                raise EngineStopped(self.failure or "engine not running")
+            if len(self._queue) >= self.queue_size:
+                raise EngineBusy("queue full")
+            if len(task.prompt) + task.max_new_tokens > self.max_context_per_slot:
+                raise ValueError(
+                    f"prompt of {len(task.prompt)} tokens + {task.max_new_tokens} new tokens "
+                    f"exceeds the {self.max_context_per_slot}-token slot"
+                )
+            self._queue.append(task)
+            self._cv.notify()
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            queued = len(self._queue)
+        active = sum(1 for s in self.slots if s.busy)
+        return {**self.counters, "queued": queued, "active": active, "slots": len(self.slots)}
+
+    def load(self) -> tuple[int, int]:
+        """(tasks running or waiting, slots): how crowded the engine is right now."""
+        with self._cv:
+            queued = len(self._queue)
+        return queued + sum(1 for s in self.slots if s.busy), len(self.slots)
+
+    def estimated_wait_s(self) -> float:
+        """Roughly how long a task submitted now waits before it gets a slot."""
+        with self._cv:
+            queued = len(self._queue)
+        if any(not s.busy for s in self.slots) and queued == 0:
+            return 0.0
+        return (queued / len(self.slots) + 1.0) * self._task_seconds
+
+    def expected_service_s(self) -> float:
+        return self._task_seconds
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- worker -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            if self._warm_prefix:
+                self._warm(self._warm_prefix)
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._queue and not any(
+                        s.busy for s in self.slots
+                    ):
+                        self._cv.wait(0.5)
+                    if self._stopping:
+                        break
+                self._drop_cancelled()
+                self._admit()
+                if any(s.busy for s in self.slots):
+                    self._step()
+        except Exception as exc:  # the worker must never die silently
+            log.exception("engine worker failed")
+            self.failure = f"{type(exc).__name__}: {exc}"
+            for slot in self.slots:
+                if slot.task:
+                    self._fail(slot, "El motor de generación falló.")
+        finally:
+            with self._cv:
+                self._stopping = True
+                pending = list(self._queue)
+                self._queue.clear()
+            for task in pending:
+                task.sink(ErrorEvent("El motor de generación se ha detenido."))
+
+    def _warm(self, prefix: list[int]) -> None:
+        """Evaluate the shared system prefix once and share its KV cells with every slot."""
+        first = self.slots[0]
+        for start in range(0, len(prefix), self.rt.config.n_batch):
+            chunk = prefix[start : start + self.rt.config.n_batch]
+            rc = self.rt.decode([(t, start + i, first.seq, False) for i, t in enumerate(chunk)])
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed warming the prefix (code {rc})")
+        first.kv_tokens = list(prefix)
+        for slot in self.slots[1:]:
+            self.rt.seq_cp(first.seq, slot.seq, 0, len(prefix))
+            slot.kv_tokens = list(prefix)
+        self.counters["prompt_tokens"] += len(prefix)
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            kept = deque(t for t in self._queue if not t.cancel.is_set())
+            dropped = [t for t in self._queue if t.cancel.is_set()]
+            self._queue = kept
+        for task in dropped:
+            self.counters["cancelled"] += 1
+            now = time.monotonic()
+            task.sink(DoneEvent("", "cancelled", len(task.prompt), 0, 0, now - task.submitted, None, 0.0))
+        for slot in self.slots:
+            if slot.task and slot.task.cancel.is_set():
+                self._finish(slot, "cancelled")
+
+    def _admit(self) -> None:
+        while True:
+            free = [s for s in self.slots if not s.busy]
+            if not free:
+                return
+            with self._cv:
+                if not self._queue:
+                    return
+                task = self._queue.popleft()
+            self._assign(task, free)
+
+    def _assign(self, task: GenerationTask, free: list[_Slot]) -> None:
+        prompt = task.prompt
+        dst = max(free, key=lambda s: (common_prefix(s.kv_tokens, prompt), -s.last_used))
+        own = common_prefix(dst.kv_tokens, prompt)
+        src = max(self.slots, key=lambda s: common_prefix(s.kv_tokens, prompt))
+        best = common_prefix(src.kv_tokens, prompt)
+        if best > own and src is not dst:
+            # borrow another slot's cached prefix: cells are shared, not recomputed
+            self.rt.seq_rm(dst.seq, -1, -1)
+            self.rt.seq_cp(src.seq, dst.seq, 0, best)
+            dst.kv_tokens = list(prompt[:best])
+            own = best
+        reuse = min(own, len(prompt) - 1)
+        self.rt.seq_rm(dst.seq, reuse, -1)
+        del dst.kv_tokens[reuse:]
+        dst.task = task
+        dst.pending = list(prompt[reuse:])
+        dst.sampler = SequenceSampler(self.rt, task.grammar, task.params)
+        dst.stream = Utf8Stream()
+        dst.text = ""
+        dst.new_tokens = 0
+        dst.phase = 0
+        dst.phase_start_tokens = 0
+        dst.phase_start_chars = 0
+        dst.reused = reuse
+        dst.started = time.monotonic()
+        dst.first_token = None
+        self.counters["generations"] += 1
+        self.counters["reused_tokens"] += reuse
+        self.counters["prompt_tokens"] += len(prompt) - reuse
+
+    def _step(self) -> None:
+        entries: list[tuple[int, int, int, bool]] = []
+        owners: list[tuple[_Slot, int, int]] = []  # slot, first entry index, token count
+        limit = self.rt.config.n_batch
+        decoding = [s for s in self.slots if s.busy and len(s.pending) == 1 and s.new_tokens > 0]
+        prefilling = [s for s in self.slots if s.busy and s not in decoding]
+        for slot in decoding:
+            owners.append((slot, len(entries), 1))
+            entries.append((slot.pending[0], len(slot.kv_tokens), slot.seq, True))
+        # prompt chunks share what is left of the batch; alone, a prompt may use all of it
+        budget = limit - len(entries)
+        chunk_cap = self.prefill_chunk if decoding else limit
+        for slot in sorted(prefilling, key=lambda s: s.task.submitted if s.task else 0.0):
+            if budget <= 0:
+                break
+            n = min(len(slot.pending), budget, chunk_cap)
+            base = len(slot.kv_tokens)
+            owners.append((slot, len(entries), n))
+            for i in range(n):
+                last = i == n - 1 and n == len(slot.pending)
+                entries.append((slot.pending[i], base + i, slot.seq, last))
+            budget -= n
+        rc = self.rt.decode(entries)
+        self.counters["decode_steps"] += 1
+        if rc != 0:
+            log.error("llama_decode returned %s for %d tokens", rc, len(entries))
+            for slot, _, _ in owners:
+                self._fail(slot, "El modelo no pudo procesar la solicitud (memoria de contexto llena).")
+            return
+        for slot, first, n in owners:
+            slot.kv_tokens.extend(slot.pending[:n])
+            del slot.pending[:n]
+            if not slot.pending:
+                self._sample(slot, first + n - 1)
+
+    def _sample(self, slot: _Slot, batch_index: int) -> None:
+        task = slot.task
+        assert task is not None and slot.sampler is not None and slot.stream is not None
+        try:
+            token = slot.sampler.sample(self.rt.logits(batch_index))
+        except GrammarRejected:
+            self._finish(slot, "stop")
+            return
+        if slot.first_token is None:
+            slot.first_token = time.monotonic()
+        if self.rt.is_eog(token):
+            self._finish(slot, "stop")
+            return
+        slot.sampler.accept(token)
+        slot.new_tokens += 1
+        self.counters["new_tokens"] += 1
+        self._emit_text(slot, slot.stream.feed(self.rt.piece(token)))
+        slot.pending = [token]
+        if slot.new_tokens >= task.max_new_tokens:
+            self._finish(slot, "length")
+            return
+        self._advance_phase(slot)
+
+    def _advance_phase(self, slot: _Slot) -> None:
+        task = slot.task
+        assert task is not None
+        if not task.phases:
+            return
+        phase = task.phases[slot.phase]
+        last = slot.phase == len(task.phases) - 1
+        if phase.marker and phase.marker in slot.text[slot.phase_start_chars :]:
+            self._enter_next_phase(slot)
+            return
+        used = slot.new_tokens - slot.phase_start_tokens
+        at_sentence_end = slot.text.rstrip().endswith(SENTENCE_END)
+        if (used >= phase.soft_tokens and at_sentence_end) or used >= phase.hard_tokens:
+            if last:
+                self._finish(slot, "stop" if at_sentence_end else "length")
+                return
+            forced = phase.transition if at_sentence_end else "." + phase.transition
+            if self._force(slot, forced):
+                self._enter_next_phase(slot)
+            else:
+                self._finish(slot, "length")
+
+    def _enter_next_phase(self, slot: _Slot) -> None:
+        slot.phase = min(slot.phase + 1, len(slot.task.phases) - 1) if slot.task else 0
+        slot.phase_start_tokens = slot.new_tokens
+        slot.phase_start_chars = len(slot.text)
+
+    def _force(self, slot: _Slot, text: str) -> bool:
+        """Write text for the model (checked against its grammar); it is decoded next step."""
+        assert slot.sampler is not None and slot.stream is not None
+        tokens = self.rt.tokenize(text, special=False)
+        for token in tokens:
+            if not slot.sampler.allows(token):
+                return False
+            slot.sampler.accept(token)
+        slot.pending = slot.pending + tokens
+        self._emit_text(slot, text)
+        return True
+
+    def _emit_text(self, slot: _Slot, text: str) -> None:
+        if text and slot.task is not None:
+            slot.text += text
+            slot.task.sink(TextEvent(text))
+
+    def _finish(self, slot: _Slot, finish: Literal["stop", "length", "cancelled"]) -> None:
+        task = slot.task
+        if task is None:
+            return
+        if slot.stream is not None:
+            self._emit_text(slot, slot.stream.flush())
+        now = time.monotonic()
+        self.counters["cancelled" if finish == "cancelled" else "completed"] += 1
+        if finish != "cancelled":
+            served = now - slot.started
+            self._task_seconds = served if self._task_seconds == 0 else 0.8 * self._task_seconds + 0.2 * served
+        event = DoneEvent(
+            text=slot.text,
+            finish=finish,
+            prompt_tokens=len(task.prompt),
+            reused_tokens=slot.reused,
+            new_tokens=slot.new_tokens,
+            queued_s=slot.started - task.submitted,
+            first_token_s=(slot.first_token - task.submitted) if slot.first_token else None,
+            total_s=now - task.submitted,
+        )
+        self._release(slot)
+        task.sink(event)
+
+    def _fail(self, slot: _Slot, message: str) -> None:
+        task = slot.task
+        self.counters["errors"] += 1
+        # the sequence's KV may be half-written: forget it entirely
+        self.rt.seq_rm(slot.seq, -1, -1)
+        slot.kv_tokens = []
+        self._release(slot)
+        if task is not None:
+            task.sink(ErrorEvent(message))
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.sampler is not None:
+            slot.sampler.close()
+        slot.task = None
+        slot.sampler = None
+        slot.stream = None
+        slot.pending = []
+        slot.last_used = time.monotonic()

@@ -1,0 +1,37 @@
+"""The small family of named errors the edges (CLI, HTTP) turn into user messages.
+
+Each error carries a Spanish message for students/teachers, an English one for logs and admins,
+and the command or action that fixes it.
+"""
+
+from __future__ import annotations
+
+
+class PulmoMedError(Exception):
+    """Base class: a fault we expected and can explain."""
+
+    def __init__(self, mensaje: str, message: str, fix: str = "") -> None:
+        super().__init__(message)
+        self.mensaje = mensaje
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        text = f"{self.message} / {self.mensaje}"
+        return f"{text} — fix: {self.fix}" if self.fix else text
+
+
+class ModelError(PulmoMedError):
+    """A model file is missing, truncated, unverified or failed to load."""
+
+
+class KnowledgeIndexError(PulmoMedError):
+    """The knowledge index is missing, corrupt or built for another encoder."""
+
+
+class CorpusError(PulmoMedError):
+    """A corpus or lab document is malformed."""
+
+
+class EngineError(PulmoMedError):
+    """The generation engine failed or is not running."""

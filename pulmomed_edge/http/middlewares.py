@@ -1,0 +1,67 @@
+"""Errors become Spanish JSON bodies; nothing reaches a headset as an HTML 500 page."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, error: str, *, headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+    return web.json_response({"error": error, **extra}, status=status, headers=headers, dumps=dumps)
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False)
+
+
+_MESSAGES = {
+    404: "Ruta no encontrada.",
+    405: "Método no permitido en esta ruta.",
+    413: "El cuerpo de la solicitud es demasiado grande (máximo 64 KiB).",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        message = _MESSAGES.get(exc.status, exc.reason)
+        return json_error(exc.status, message, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_error(500, "Error interno del servidor. El equipo técnico puede revisar el registro.")
+
+
+class RateLimiter:
+    """Per-headset sliding window: at most `per_minute` teacher requests per client IP (0 = off)."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._seen: dict[str, list[float]] = {}
+
+    def check(self, client: str) -> float:
+        """0 when allowed (and counted), else the seconds until the next request is allowed."""
+        if self.per_minute <= 0:
+            return 0.0
+        now = self._clock()
+        window = [t for t in self._seen.get(client, []) if now - t < 60.0]
+        if len(window) >= self.per_minute:
+            self._seen[client] = window
+            return 60.0 - (now - window[0])
+        window.append(now)
+        self._seen[client] = window
+        if len(self._seen) > 4096:  # forget idle headsets so memory stays bounded
+            self._seen = {k: v for k, v in self._seen.items() if v and now - v[-1] < 60.0}
+        return 0.0

@@ -1,0 +1,215 @@
+"""Handlers: parse the request, call the library, render JSON. No model work happens here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..app import STATE, ServerState
+from ..schema import InvalidRequest, SimulationState, parse_state
+from .middlewares import dumps, json_error
+from .status_page import render_status_page
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "5"
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/v1/consultar_profesor", consultar_profesor)
+    app.router.add_post("/api/v1/consultar_profesor/stream", consultar_profesor_stream)
+    for base in ("/api/v1/library_cases", "/api/v1/casos_biblioteca"):
+        app.router.add_get(base, library_cases)
+        app.router.add_get(base + "/{caso_id}", library_case)
+    app.router.add_get("/api/v1/health", health)
+    app.router.add_get("/api/v1/search", search)
+    app.router.add_get("/", status_page)
+
+
+# --- the teacher ---------------------------------------------------------------------------
+def _not_ready(state: ServerState, request: web.Request) -> web.Response | None:
+    wait = state.rate_limiter.check(request.remote or "?")
+    if wait > 0:
+        return json_error(
+            429,
+            "Has hecho demasiadas preguntas seguidas. Espera un momento antes de volver a preguntar.",
+            headers={"Retry-After": str(max(1, int(wait + 0.999)))},
+        )
+    if state.status == "starting":
+        return json_error(
+            503,
+            "El profesor virtual se está iniciando (cargando modelos). Inténtalo en unos segundos.",
+            headers={"Retry-After": RETRY_AFTER_S},
+            estado="starting",
+        )
+    if state.teacher is None:
+        broken = {n: c.as_json() for n, c in state.components.items() if c.status == "failed"}
+        return json_error(
+            503,
+            "El profesor virtual no está disponible: falta un componente. Avisa al docente.",
+            headers={"Retry-After": "30"},
+            estado=state.status,
+            componentes=broken,
+        )
+    return None
+
+
+async def _read_state(request: web.Request, state: ServerState) -> SimulationState:
+    body = await request.read()  # over client_max_size → 413 (middleware renders it)
+    try:
+        # NaN/Infinity are not JSON: keep them as floats so validation names the field
+        data = json.loads(body.decode("utf-8"), parse_constant=float)
+    except (UnicodeDecodeError, ValueError):
+        raise web.HTTPBadRequest(
+            text=dumps({"error": "El cuerpo de la solicitud no es JSON válido."}),
+            content_type="application/json",
+        ) from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(
+            text=dumps({"error": "El cuerpo debe ser un objeto JSON con el estado de la simulación."}),
+            content_type="application/json",
+        )
+    return parse_state(data, state.library.ids)
+
+
+async def consultar_profesor(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if (busy := _not_ready(state, request)) is not None:
+        return busy
+    try:
+        sim = await _read_state(request, state)
+    except InvalidRequest as exc:
+        return web.json_response(exc.body(), status=422, dumps=dumps)
+    answer = await state.teacher.answer(sim)
+    return web.json_response(answer.model_dump(), dumps=dumps)
+
+
+async def consultar_profesor_stream(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    if (busy := _not_ready(state, request)) is not None:
+        return busy
+    try:
+        sim = await _read_state(request, state)
+    except InvalidRequest as exc:
+        return web.json_response(exc.body(), status=422, dumps=dumps)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    events = state.teacher.stream(sim).__aiter__()
+    next_event: asyncio.Task[Any] | None = None
+    try:
+        while True:
+            next_event = asyncio.ensure_future(events.__anext__())
+            while True:
+                done, _ = await asyncio.wait({next_event}, timeout=5.0)
+                if done:
+                    break
+                await response.write(b": esperando\n\n")  # heartbeat while queued or thinking
+            try:
+                kind, data = next_event.result()
+            except StopAsyncIteration:
+                break
+            payload = data.model_dump() if kind == "done" else data
+            await response.write(_sse(kind, payload))
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("stream failed")
+        await response.write(_sse("error", {"error": "Error interno durante la respuesta."}))
+    finally:
+        if next_event is not None and not next_event.done():
+            next_event.cancel()
+        await events.aclose()
+    await response.write_eof()
+    return response
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {dumps(data)}\n\n".encode()
+
+
+# --- the case library ----------------------------------------------------------------------
+async def library_cases(request: web.Request) -> web.Response:
+    cases = [c.to_json() for c in request.app[STATE].library.all()]
+    return web.json_response({"count": len(cases), "cases": cases}, dumps=dumps)
+
+
+async def library_case(request: web.Request) -> web.Response:
+    caso_id = request.match_info["caso_id"]
+    case = request.app[STATE].library.get(caso_id)
+    if case is None:
+        return json_error(404, f"No existe el caso «{caso_id}» en la biblioteca.", found=False)
+    return web.json_response({"found": True, "case": case.to_json()}, dumps=dumps)
+
+
+# --- health and search -----------------------------------------------------------------------
+def health_body(state: ServerState) -> dict[str, Any]:
+    components = {name: c.as_json() for name, c in state.components.items()}
+    components["cache"] = {"status": "ready", **state.cache.stats()}
+    if state.engine is not None:
+        components["llm"]["engine"] = state.engine.stats()
+    return {
+        "status": state.status,
+        "version": __version__,
+        "uptime_s": round(time.monotonic() - state.started, 1),
+        "components": components,
+    }
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = health_body(state)
+    return web.json_response(body, status=200 if body["status"] == "healthy" else 503, dumps=dumps)
+
+
+async def search(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    problems = []
+    q = request.query.get("q", "").strip()
+    if not q:
+        problems.append({"campo": "q", "mensaje": "Este parámetro es obligatorio."})
+    elif len(q) > 500:
+        problems.append({"campo": "q", "mensaje": "Máximo 500 caracteres."})
+    k_raw = request.query.get("k", "5")
+    try:
+        k = int(k_raw)
+        if not 1 <= k <= 20:
+            raise ValueError
+    except ValueError:
+        problems.append({"campo": "k", "mensaje": "Debe ser un número entero entre 1 y 20."})
+    if problems:
+        return web.json_response(
+            {"error": "Parámetros de búsqueda no válidos.", "detalles": problems}, status=422, dumps=dumps
+        )
+    if state.retriever is None:
+        return json_error(503, "La búsqueda aún no está disponible.", headers={"Retry-After": RETRY_AFTER_S})
+    hits = await asyncio.to_thread(state.retriever.search, q, k)
+    results = [
+        {
+            "id": h.passage.id,
+            "titulo": h.passage.titulo,
+            "fuente": h.passage.fuente,
+            "texto": h.passage.texto,
+            "score": round(float(h.score), 6),
+            "grounded": h.grounded,
+        }
+        for h in hits
+    ]
+    return web.json_response({"query": q, "results": results}, dumps=dumps)
+
+
+async def status_page(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    html = render_status_page(health_body(state), state.settings.port)
+    return web.Response(text=html, content_type="text/html", charset="utf-8")

@@ -1,0 +1,56 @@
+"""The page a teacher opens in a browser: does it work, and what address do headsets use."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from ..network import teacher_urls
+
+_LABELS = {
+    "healthy": ("Listo para la clase", "#1b7f3b"),
+    "starting": ("Iniciando… (cargando modelos)", "#b26a00"),
+    "degraded": ("Con problemas: revisa los componentes", "#b00020"),
+}
+_COMPONENT_NAMES = {
+    "llm": "Modelo de lenguaje",
+    "embeddings": "Modelo de embeddings",
+    "index": "Base de conocimiento",
+    "cache": "Caché de respuestas",
+}
+
+
+def render_status_page(health: dict[str, Any], port: int) -> str:
+    label, colour = _LABELS.get(health["status"], (health["status"], "#555"))
+    urls = [u for u in teacher_urls("0.0.0.0", port) if not u.startswith("http://127.")]
+    rows = []
+    for key, comp in health["components"].items():
+        status = comp.get("status", "?")
+        extra = comp.get("model") or comp.get("passages") or comp.get("entries", "")
+        problem = comp.get("error", "")
+        fix = comp.get("fix", "")
+        rows.append(
+            f"<tr><td>{html.escape(_COMPONENT_NAMES.get(key, key))}</td><td>{html.escape(status)}</td>"
+            f"<td>{html.escape(str(extra))}</td><td>{html.escape(problem)}"
+            f"{'<br><code>' + html.escape(fix) + '</code>' if fix else ''}</td></tr>"
+        )
+    url_items = "".join(f"<li><code>{html.escape(u)}</code></li>" for u in urls) or (
+        "<li>No se detecta ninguna red local: conecta el portátil a la red del aula.</li>"
+    )
+    refresh = '<meta http-equiv="refresh" content="3">' if health["status"] == "starting" else ""
+    return f"""<!doctype html>
+<html lang="es"><head><meta charset="utf-8">{refresh}
+<title>PulmoMed Edge — estado</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem}}
+.badge{{display:inline-block;padding:.4rem .9rem;border-radius:.4rem;color:#fff;background:{colour}}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}}</style>
+</head><body>
+<h1>PulmoMed Edge <small>v{html.escape(health["version"])}</small></h1>
+<p class="badge">{html.escape(label)}</p>
+<h2>Dirección para los visores</h2>
+<p>En la app de PulmoMed de cada visor, usa una de estas direcciones:</p>
+<ul>{url_items}</ul>
+<h2>Componentes</h2>
+<table><tr><th>Componente</th><th>Estado</th><th>Detalle</th><th>Problema y solución</th></tr>
+{"".join(rows)}</table>
+</body></html>"""

@@ -1,0 +1,360 @@
+"""The teacher: simulation state → grounded Spanish answer.
+
+cache → retrieve → prompt → generate (shared by identical concurrent requests) → sections →
+response, with a grounded extractive fallback for every way generation can fail. The event loop
+only awaits: retrieval and tokenisation run in a worker thread, generation in the engine's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .cache import ResponseCache
+from .canonical import CanonicalState, cache_key, canonicalize, retrieval_queries
+from .cases import CaseLibrary, LibraryCase
+from .engine import (
+    DoneEvent,
+    EngineBusy,
+    EngineStopped,
+    ErrorEvent,
+    GenerationEngine,
+    GenerationTask,
+    Phase,
+    SamplingParams,
+    TextEvent,
+)
+from .engine.chat import ChatTemplate
+from .extractive import extractive_sections
+from .prompts import (
+    ANSWER_GRAMMAR,
+    EXPLANATION_LABEL,
+    SECTION_MARKER,
+    SYSTEM_PROMPT,
+    PromptPassage,
+    Sections,
+    SectionTracker,
+    split_sections,
+    tighten,
+    user_message,
+)
+from .schema import SimulationState, TeacherResponse
+
+log = logging.getLogger(__name__)
+
+
+class PassageLike(Protocol):
+    id: str
+    fuente: str
+    texto: str
+
+
+class HitLike(Protocol):
+    passage: PassageLike
+    grounded: bool
+
+
+class SearchFn(Protocol):
+    def __call__(self, query: str, k: int) -> list[HitLike]: ...
+
+
+@dataclass
+class LanguageModel:
+    """A loaded LLM as the teacher sees it: its identity, its engine and its prompt format."""
+
+    name: str
+    sha256: str
+    engine: GenerationEngine
+    template: ChatTemplate
+    tokenize: Callable[[str], list[int]]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    state: CanonicalState
+    case: LibraryCase | None
+    passages: list[PassageLike]
+    key: str
+    prompt: list[int] | None  # None when no LLM is loaded
+
+
+@dataclass
+class Flight:
+    """One generation that every identical concurrent request shares."""
+
+    prepared: Prepared
+    deltas: list[tuple[str, str]] = field(default_factory=list)
+    listeners: list[asyncio.Queue[tuple[str, Any]]] = field(default_factory=list)
+    members: int = 0
+    cancel: Callable[[], None] | None = None
+    result: asyncio.Future[TeacherResponse] | None = None
+
+    def publish(self, kind: str, data: Any) -> None:
+        if kind == "delta":
+            self.deltas.append(data)
+        for queue in self.listeners:
+            queue.put_nowait((kind, data))
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    budget_s: float = 15.0
+    max_new_tokens: int = 200
+    top_k_passages: int = 3
+    max_prompt_tokens: int = 768
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+class TeacherService:
+    def __init__(
+        self,
+        *,
+        library: CaseLibrary,
+        search: SearchFn,
+        index_id: str,
+        cache: ResponseCache[TeacherResponse],
+        config: TeacherConfig,
+        llm: LanguageModel | None = None,
+        llm_failure: str | None = None,
+    ) -> None:
+        self.library = library
+        self.search = search
+        self.index_id = index_id
+        self.cache = cache
+        self.config = config
+        self.llm = llm
+        self.llm_failure = llm_failure
+        self._flights: dict[str, Flight] = {}
+
+    # --- preparation (worker thread) -------------------------------------------------------
+    def retrieve(self, state: CanonicalState, case: LibraryCase | None) -> list[PassageLike]:
+        """Top passages for the state: the best for its main aspect, then one per other aspect."""
+        chosen: list[PassageLike] = []
+        seen: set[str] = set()
+        queries = retrieval_queries(state, case)
+        per_query = [2 if i == 0 else 1 for i in range(len(queries))]
+        for query, want in zip(queries, per_query, strict=True):
+            taken = 0
+            for hit in self.search(query, 4):
+                if len(chosen) >= self.config.top_k_passages or taken >= want:
+                    break
+                if hit.grounded and hit.passage.id not in seen:
+                    chosen.append(hit.passage)
+                    seen.add(hit.passage.id)
+                    taken += 1
+        return chosen
+
+    def prepare(self, state: SimulationState) -> Prepared:
+        canon = canonicalize(state)
+        case = self.library.get(canon.case_id)
+        passages = self.retrieve(canon, case)
+        llm = self.llm
+        key = cache_key(canon, [p.id for p in passages], llm.sha256 if llm else "-", self.index_id)
+        prompt = self._prompt_tokens(canon, case, passages) if llm else None
+        return Prepared(canon, case, passages, key, prompt)
+
+    def _prompt_tokens(
+        self, canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]
+    ) -> list[int]:
+        assert self.llm is not None
+        numbered = [
+            PromptPassage(i + 1, p.fuente, tighten(p.texto)) for i, p in enumerate(passages)
+        ]
+        text = self.llm.template.render(
+            SYSTEM_PROMPT, user_message(numbered, canon, case), EXPLANATION_LABEL
+        )
+        tokens = self.llm.tokenize(text)
+        while len(tokens) > self.config.max_prompt_tokens and numbered:
+            numbered = numbered[:-1]  # drop the least important passage rather than truncate
+            text = self.llm.template.render(
+                SYSTEM_PROMPT, user_message(numbered, canon, case), EXPLANATION_LABEL
+            )
+            tokens = self.llm.tokenize(text)
+        return tokens
+
+    def warm_prefix(self) -> list[int]:
+        """The tokens every prompt starts with (system part): evaluated once by the engine."""
+        if self.llm is None:
+            return []
+        a = self.llm.tokenize(self.llm.template.render(SYSTEM_PROMPT, "Fuentes: A"))
+        b = self.llm.tokenize(self.llm.template.render(SYSTEM_PROMPT, "Paciente: B"))
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[:n]
+
+    # --- answering (event loop) -------------------------------------------------------------
+    async def answer(self, state: SimulationState) -> TeacherResponse:
+        final: TeacherResponse | None = None
+        async for kind, data in self.stream(state):
+            if kind == "done":
+                final = data
+        assert final is not None
+        return final
+
+    async def stream(self, state: SimulationState) -> AsyncIterator[tuple[str, Any]]:
+        """Events: ("meta", dict), ("delta", {"seccion", "texto"})…, ("done", TeacherResponse)."""
+        started = time.perf_counter()
+        prepared = await asyncio.to_thread(self.prepare, state)
+        model_name = self.llm.name if self.llm else "fallback-unavailable"
+        meta = {
+            "estadio": prepared.state.stage,
+            "fuentes": _sources(prepared.passages),
+            "retrieved_chunks": len(prepared.passages),
+            "llm_model": model_name,
+        }
+        cached = self.cache.get(prepared.key)
+        if cached is not None:
+            yield "meta", meta
+            yield "done", _timed(cached, started, "hit")
+            return
+        flight = self._flights.get(prepared.key)
+        role = "shared"
+        if flight is None:
+            flight = Flight(prepared)
+            flight.result = asyncio.get_running_loop().create_future()
+            self._flights[prepared.key] = flight
+            asyncio.create_task(self._fly(flight))
+            role = "miss"
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        flight.listeners.append(queue)
+        flight.members += 1
+        try:
+            yield "meta", meta
+            for seccion, texto in list(flight.deltas):
+                yield "delta", {"seccion": seccion, "texto": texto}
+            assert flight.result is not None
+            while not flight.result.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, flight.result}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                kind, data = getter.result()
+                if kind == "delta":
+                    yield "delta", {"seccion": data[0], "texto": data[1]}
+            while not queue.empty():  # deltas that raced the result
+                kind, data = queue.get_nowait()
+                if kind == "delta":
+                    yield "delta", {"seccion": data[0], "texto": data[1]}
+            yield "done", _timed(flight.result.result(), started, role)
+        finally:
+            flight.listeners.remove(queue)
+            flight.members -= 1
+            if flight.members == 0 and flight.cancel and not flight.result.done():
+                flight.cancel()  # nobody is listening any more: free the slot
+
+    async def _fly(self, flight: Flight) -> None:
+        assert flight.result is not None
+        try:
+            response = await self._generate(flight)
+            flight.result.set_result(response)
+            if not response.llm_model.startswith("fallback-"):
+                self.cache.put(flight.prepared.key, response)
+        except Exception as exc:  # never leave joiners hanging
+            log.exception("generation flight failed")
+            flight.result.set_result(self._fallback(flight.prepared, "fallback-error"))
+            del exc
+        finally:
+            self._flights.pop(flight.prepared.key, None)
+
+    async def _generate(self, flight: Flight) -> TeacherResponse:
+        prepared = flight.prepared
+        llm = self.llm
+        if llm is None or prepared.prompt is None:
+            return self._fallback(prepared, "fallback-unavailable")
+        if not prepared.passages:
+            return self._fallback(prepared, "fallback-no-grounding")
+        loop = asyncio.get_running_loop()
+        engine = llm.engine
+        if engine.estimated_wait_s() + engine.expected_service_s() > self.config.budget_s:
+            return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        task = GenerationTask(
+            prompt=prepared.prompt,
+            sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            grammar=ANSWER_GRAMMAR,
+            params=self.config.sampling,
+            **answer_budget(self.config.max_new_tokens, *engine.load()),
+        )
+        flight.cancel = task.cancel.set
+        try:
+            llm.engine.submit(task)
+        except EngineBusy:
+            return self._fallback(prepared, "fallback-busy")
+        except EngineStopped:
+            return self._fallback(prepared, "fallback-unavailable")
+        except ValueError:
+            log.exception("prompt does not fit the slot")
+            return self._fallback(prepared, "fallback-error")
+        tracker = SectionTracker()
+        deadline = loop.time() + self.config.budget_s
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                task.cancel.set()  # the worker frees the slot at its next step
+                return self._fallback(prepared, "fallback-timeout")
+            if isinstance(event, TextEvent):
+                for delta in tracker.feed(event.text):
+                    flight.publish("delta", delta)
+            elif isinstance(event, ErrorEvent):
+                log.error("generation error: %s", event.message)
+                return self._fallback(prepared, "fallback-error")
+            elif isinstance(event, DoneEvent):
+                if event.finish == "cancelled":
+                    return self._fallback(prepared, "fallback-timeout")
+                sections = split_sections(event.text)
+                if sections is None:
+                    log.error("generation without both sections: %r", event.text[:200])
+                    return self._fallback(prepared, "fallback-error")
+                return self._response(prepared, sections, llm.name)
+
+    def _fallback(self, prepared: Prepared, reason: str) -> TeacherResponse:
+        numbered = [(i + 1, p.texto) for i, p in enumerate(prepared.passages)]
+        return self._response(prepared, extractive_sections(prepared.state, numbered), reason)
+
+    def _response(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
+        return TeacherResponse(
+            explicacion=sections.explicacion,
+            recomendacion=sections.recomendacion,
+            fuentes=_sources(prepared.passages),
+            retrieved_chunks=len(prepared.passages),
+            llm_model=model,
+            model_used=model,
+            processing_time_ms=0,
+            estadio=prepared.state.stage,
+            pasajes=[p.id for p in prepared.passages],
+        )
+
+
+def answer_budget(max_new_tokens: int, crowd: int, slots: int) -> dict[str, Any]:
+    """Token budgets for the two sections; under load answers get shorter, never cut."""
+    scale = 1.0 if crowd < slots else max(0.5, slots / (crowd + 1))
+    total = max(48, int(max_new_tokens * scale))
+    expl = total * 3 // 5
+    rec = total - expl
+    return {
+        "max_new_tokens": total + 40,
+        "phases": (
+            Phase(expl, expl + 25, marker=SECTION_MARKER, transition=SECTION_MARKER),
+            Phase(rec, rec + 15),
+        ),
+    }
+
+
+def _sources(passages: list[PassageLike]) -> list[str]:
+    """The passages' sources, in citation order, each once."""
+    seen: dict[str, None] = {}
+    for p in passages:
+        seen.setdefault(p.fuente, None)
+    return list(seen)
+
+
+def _timed(response: TeacherResponse, started: float, cache: str) -> TeacherResponse:
+    elapsed = int((time.perf_counter() - started) * 1000)
+    return response.model_copy(update={"processing_time_ms": elapsed, "cache": cache})
