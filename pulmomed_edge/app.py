@@ -8,6 +8,7 @@ fix it. Everything opened here is closed on shutdown, in reverse order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,6 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from . import __version__
 from .cache import ResponseCache
 from .cases import CaseLibrary
 from .config import Settings, manifest_path
@@ -102,10 +102,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     state.loader = asyncio.create_task(load_components(state))
     yield
     state.loader.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError, Exception):
         await state.loader
-    except (asyncio.CancelledError, Exception):
-        pass
     for close in reversed(state.closers):
         try:
             await asyncio.to_thread(close)
@@ -125,7 +123,11 @@ async def load_components(state: ServerState) -> None:
         encoder, encoder_sha = await asyncio.to_thread(_open_encoder, store, settings)
         state.closers.append(encoder.close)
         state.components["embeddings"].status = "ready"
-        state.components["embeddings"].detail = {"model": "all-MiniLM-L6-v2 int8", "sha256": encoder_sha, "dim": encoder.dim}
+        state.components["embeddings"].detail = {
+            "model": "all-MiniLM-L6-v2 int8",
+            "sha256": encoder_sha,
+            "dim": encoder.dim,
+        }
     except Exception as exc:
         log.error("embeddings failed: %s", exc)
         state.components["embeddings"].fail(exc)

@@ -20,6 +20,11 @@ TREATMENT_NAMES = {
     "radio": "radioterapia",
     "inmuno": "inmunoterapia",
 }
+TREATMENT_QUERIES = {
+    "quimio": "quimioterapia con doblete de platino en cáncer de pulmón: efectos adversos",
+    "radio": "radioterapia torácica: toxicidad, esofagitis y neumonitis",
+    "inmuno": "inmunoterapia con inhibidores de PD-1 o PD-L1 en cáncer de pulmón",
+}
 DIET_NAMES = {"saludable": "saludable", "normal": "normal", "mala": "poco saludable"}
 LUNG_STATE_NAMES = {
     "sano": "sano",
@@ -62,18 +67,35 @@ def canonicalize(state: SimulationState) -> CanonicalState:
     return CanonicalState(
         age_band=f"{decade}-{decade + 9}",
         smoking=smoking,
-        pack_years_band=_band(state.pack_years, [(0, "0"), (10, "menos de 10"), (20, "10-19"),
-                                                   (30, "20-29"), (50, "30-49")], "50 o más"),
-        smoking_change_band="" if smoking == "nunca" else _band(
-            state.dias_desde_cambio, [(0, ""), (30, "menos de 1 mes"), (365, "menos de 1 año"),
-                                      (5 * 365, "1-5 años"), (15 * 365, "5-15 años")], "más de 15 años"),
+        pack_years_band=_band(
+            state.pack_years,
+            [(0, "0"), (10, "menos de 10"), (20, "10-19"), (30, "20-29"), (50, "30-49")],
+            "50 o más",
+        ),
+        smoking_change_band=""
+        if smoking == "nunca"
+        else _band(
+            state.dias_desde_cambio,
+            [
+                (0, ""),
+                (30, "menos de 1 mes"),
+                (365, "menos de 1 año"),
+                (5 * 365, "1-5 años"),
+                (15 * 365, "5-15 años"),
+            ],
+            "más de 15 años",
+        ),
         diet=state.dieta,
         stage=approximate_stage(total),
         resistant_band=_resistant_band(state.volumen_tumor_resistente, total),
         treatment=state.tratamiento_activo,
-        treatment_days_band="" if state.tratamiento_activo == "ninguno" else _band(
-            state.dias_tratamiento, [(0, "recién iniciado"), (30, "menos de 30 días"),
-                                     (90, "30-89 días")], "90 días o más"),
+        treatment_days_band=""
+        if state.tratamiento_activo == "ninguno"
+        else _band(
+            state.dias_tratamiento,
+            [(0, "recién iniciado"), (30, "menos de 30 días"), (90, "30-89 días")],
+            "90 días o más",
+        ),
         mode=state.modo,
         case_id=state.caso_id if state.modo == "biblioteca" else None,
         lung_state=state.lung_state,
@@ -116,27 +138,22 @@ def treatment_phrase(c: CanonicalState) -> str:
 
 
 def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
-    """Spanish queries, most important first, each aimed at one aspect of the state."""
+    """Spanish queries, one per aspect of the state, most important first."""
     stage_roman = c.stage.split(" ")[0].rstrip("+")
     queries: list[str] = []
-    if c.treatment == "ninguno":
-        queries.append(f"tratamiento recomendado del cáncer de pulmón no microcítico estadio {c.stage}")
-    else:
-        queries.append(
-            f"{TREATMENT_NAMES[c.treatment]} en cáncer de pulmón no microcítico estadio "
-            f"{stage_roman}: respuesta y efectos adversos"
-        )
-    if c.resistant_band not in ("0 %",):
-        queries.append("población resistente, selección clonal y resistencia adquirida al tratamiento")
+    if case is not None:
+        queries.append(f"caso de biblioteca {case.caso_id} {case.titulo}")
+    queries.append(f"estadio {stage_roman} del cáncer de pulmón no microcítico: qué significa y tratamiento")
+    if c.treatment != "ninguno":
+        queries.append(TREATMENT_QUERIES[c.treatment])
+    if c.resistant_band != "0 %":
+        queries.append("volumen resistente: selección clonal y resistencia adquirida al tratamiento")
     if c.smoking == "fumador":
         queries.append("beneficios de dejar de fumar tras el diagnóstico de cáncer de pulmón")
     elif c.smoking == "exfumador":
-        queries.append("exfumador paquetes-año riesgo de cáncer de pulmón y cribado")
+        queries.append("exfumador: paquetes-año, riesgo y cribado con TC de baja dosis")
     else:
-        queries.append("cáncer de pulmón en nunca fumadores: adenocarcinoma y mutaciones EGFR ALK")
-    if case is not None:
-        queries.insert(0, f"{case.caso_id} {case.titulo}")
-        queries.append(" ".join(case.objetivos_aprendizaje[:2]))
+        queries.append("cáncer de pulmón en nunca fumadores: adenocarcinoma y mutaciones EGFR o ALK")
     return queries
 
 

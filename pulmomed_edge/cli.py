@@ -135,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # --- models --------------------------------------------------------------------------------
-def _store(settings: Settings | None = None):  # noqa: ANN202
+def _store(settings: Settings | None = None):
     from .model_store import ModelStore
 
     settings = settings or Settings.from_env()
@@ -160,7 +160,8 @@ def _models_verify(args: argparse.Namespace) -> int:
 
 def _models_add(args: argparse.Namespace) -> int:
     entry = _store().add(args.path, args.name)
-    print(f"registered {entry.name} sha256={entry.sha256}\n  serve with: pulmomed-edge serve --model {entry.name}")
+    print(f"registered {entry.name} sha256={entry.sha256}")
+    print(f"  serve with: pulmomed-edge serve --model {entry.name}")
     return 0
 
 
@@ -173,7 +174,7 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 # --- index, search, eval -------------------------------------------------------------------
-def _encoder(settings: Settings):  # noqa: ANN202
+def _encoder(settings: Settings):
     from .embeddings import EmbeddingEncoder
 
     store = _store(settings)
@@ -204,7 +205,7 @@ def _index_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_retriever(settings: Settings):  # noqa: ANN202
+def _open_retriever(settings: Settings):
     from .index import KnowledgeIndex
     from .lexical import LexicalIndex
     from .retrieval import Retriever

@@ -72,7 +72,7 @@ class Settings:
     slots: int = 8
     n_ctx: int = 0  # 0 = sized from slots × (max prompt + answer)
     max_prompt_tokens: int = 768
-    max_new_tokens: int = 200
+    max_new_tokens: int = 160
     budget_s: float = 15.0
     queue_size: int = 32
     temperature: float = 0.3

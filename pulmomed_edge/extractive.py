@@ -25,8 +25,7 @@ _RECOMMENDATION_HINTS = (
 )
 
 NO_COVERAGE = (
-    "La base de conocimiento de PulmoMed no cubre esta situación concreta, así que no se citan "
-    "fuentes."
+    "La base de conocimiento de PulmoMed no cubre esta situación concreta, así que no se citan fuentes."
 )
 
 
@@ -34,9 +33,7 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
 
 
-def extractive_sections(
-    state: CanonicalState, passages: list[tuple[int, str]]
-) -> Sections:
+def extractive_sections(state: CanonicalState, passages: list[tuple[int, str]]) -> Sections:
     """passages: (number as cited in the answer, text), in retrieval order."""
     situation = (
         f"El volumen tumoral total corresponde aproximadamente al estadio {state.stage}; "

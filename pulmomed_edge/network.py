@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 
@@ -17,10 +18,10 @@ def lan_addresses() -> list[str]:
                 if addr.family == socket.AF_INET:
                     found.add(addr.address)
     except Exception:  # psutil missing or restricted: fall back to the host name
-        try:
-            found.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET))
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            found.update(
+                info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+            )
     found.add("127.0.0.1")
 
     def order(ip: str) -> tuple[int, str]:

@@ -15,16 +15,13 @@ from .canonical import DIET_NAMES, LUNG_STATE_NAMES, CanonicalState, smoking_phr
 from .cases import LibraryCase
 
 SYSTEM_PROMPT = (
-    "Eres un profesor de oncología torácica. Explicas a estudiantes de medicina, en español claro y "
-    "correcto, un caso simulado de cáncer de pulmón no microcítico (CPNM).\n"
-    "Reglas:\n"
-    "1. Usa solo los datos del paciente y los hechos de las fuentes numeradas; no inventes cifras.\n"
-    "2. Cuando uses un dato de una fuente, cita su número entre corchetes, por ejemplo [1].\n"
-    "3. Es una simulación educativa: habla de lo que las guías considerarían, nunca des órdenes "
-    "clínicas.\n"
-    "4. Responde con dos apartados y nada más:\n"
-    "Explicación: qué le pasa al tumor y por qué (dos o tres frases).\n"
-    "Recomendación: qué considerarían las guías en este estadio (una o dos frases)."
+    "Eres un profesor de oncología torácica que explica a estudiantes de medicina un caso simulado "
+    "de cáncer de pulmón no microcítico (CPNM). Escribe en español claro, con frases completas. "
+    "Usa solo los datos del paciente y los hechos de las fuentes numeradas, y cita la fuente así: [1]. "
+    "No inventes cifras. Es una simulación educativa: di lo que considerarían las guías, sin dar "
+    "órdenes clínicas. Tu respuesta tiene dos apartados: «Explicación:», dos o tres frases sobre qué "
+    "le ocurre al tumor y por qué; y «Recomendación:», una o dos frases sobre lo que considerarían "
+    "las guías para este paciente."
 )
 
 EXPLANATION_LABEL = "Explicación:"
@@ -39,7 +36,7 @@ first ::= [A-ZÁÉÍÓÚÑ¿a-záéíóúñ0-9(\[]
 rest ::= [^\n\r#*]
 """
 
-PASSAGE_WORDS = 70
+PASSAGE_WORDS = 45
 
 
 @dataclass(frozen=True)
@@ -63,9 +60,7 @@ def tighten(text: str, max_words: int = PASSAGE_WORDS) -> str:
     return " ".join(kept)
 
 
-def user_message(
-    passages: list[PromptPassage], state: CanonicalState, case: LibraryCase | None
-) -> str:
+def user_message(passages: list[PromptPassage], state: CanonicalState, case: LibraryCase | None) -> str:
     parts: list[str] = []
     if passages:
         parts.append("Fuentes:")
@@ -87,7 +82,7 @@ def user_message(
     if state.lung_state:
         parts.append(f"- Estado pulmonar: {LUNG_STATE_NAMES[state.lung_state]}")
     parts.append("")
-    parts.append("Explica al estudiante qué está pasando y qué considerarían las guías.")
+    parts.append("Escribe ahora la explicación y la recomendación para este paciente.")
     return "\n".join(parts)
 
 

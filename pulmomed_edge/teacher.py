@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 class PassageLike(Protocol):
     id: str
     fuente: str
+    temas: tuple[str, ...]
     texto: str
 
 
@@ -92,6 +93,7 @@ class Flight:
     members: int = 0
     cancel: Callable[[], None] | None = None
     result: asyncio.Future[TeacherResponse] | None = None
+    runner: asyncio.Task[None] | None = None
 
     def publish(self, kind: str, data: Any) -> None:
         if kind == "delta":
@@ -132,20 +134,17 @@ class TeacherService:
 
     # --- preparation (worker thread) -------------------------------------------------------
     def retrieve(self, state: CanonicalState, case: LibraryCase | None) -> list[PassageLike]:
-        """Top passages for the state: the best for its main aspect, then one per other aspect."""
+        """The best grounded passage for each aspect of the state, most important aspect first."""
         chosen: list[PassageLike] = []
         seen: set[str] = set()
-        queries = retrieval_queries(state, case)
-        per_query = [2 if i == 0 else 1 for i in range(len(queries))]
-        for query, want in zip(queries, per_query, strict=True):
-            taken = 0
+        for query in retrieval_queries(state, case):
+            if len(chosen) >= self.config.top_k_passages:
+                break
             for hit in self.search(query, 4):
-                if len(chosen) >= self.config.top_k_passages or taken >= want:
-                    break
-                if hit.grounded and hit.passage.id not in seen:
+                if hit.grounded and hit.passage.id not in seen and _fits(hit.passage, case):
                     chosen.append(hit.passage)
                     seen.add(hit.passage.id)
-                    taken += 1
+                    break
         return chosen
 
     def prepare(self, state: SimulationState) -> Prepared:
@@ -161,12 +160,8 @@ class TeacherService:
         self, canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]
     ) -> list[int]:
         assert self.llm is not None
-        numbered = [
-            PromptPassage(i + 1, p.fuente, tighten(p.texto)) for i, p in enumerate(passages)
-        ]
-        text = self.llm.template.render(
-            SYSTEM_PROMPT, user_message(numbered, canon, case), EXPLANATION_LABEL
-        )
+        numbered = [PromptPassage(i + 1, p.fuente, tighten(p.texto)) for i, p in enumerate(passages)]
+        text = self.llm.template.render(SYSTEM_PROMPT, user_message(numbered, canon, case), EXPLANATION_LABEL)
         tokens = self.llm.tokenize(text)
         while len(tokens) > self.config.max_prompt_tokens and numbered:
             numbered = numbered[:-1]  # drop the least important passage rather than truncate
@@ -218,7 +213,7 @@ class TeacherService:
             flight = Flight(prepared)
             flight.result = asyncio.get_running_loop().create_future()
             self._flights[prepared.key] = flight
-            asyncio.create_task(self._fly(flight))
+            flight.runner = asyncio.create_task(self._fly(flight))
             role = "miss"
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         flight.listeners.append(queue)
@@ -271,8 +266,8 @@ class TeacherService:
             return self._fallback(prepared, "fallback-no-grounding")
         loop = asyncio.get_running_loop()
         engine = llm.engine
-        if engine.estimated_wait_s() + engine.expected_service_s() > self.config.budget_s:
-            return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
+        if engine.estimated_wait_s() >= self.config.budget_s:
+            return self._fallback(prepared, "fallback-busy")  # it could not even start in time
         events: asyncio.Queue[Any] = asyncio.Queue()
         task = GenerationTask(
             prompt=prepared.prompt,
@@ -330,6 +325,13 @@ class TeacherService:
             estadio=prepared.state.stage,
             pasajes=[p.id for p in prepared.passages],
         )
+
+
+def _fits(passage: PassageLike, case: LibraryCase | None) -> bool:
+    """A library case's own passages only serve that case, never another student's state."""
+    if "caso clinico" not in passage.temas:
+        return True
+    return case is not None and case.caso_id in passage.texto
 
 
 def answer_budget(max_new_tokens: int, crowd: int, slots: int) -> dict[str, Any]:

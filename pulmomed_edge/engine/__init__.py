@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .sampling import SamplingParams
 from .scheduler import (
     DoneEvent,
     EngineBusy,
@@ -13,7 +14,6 @@ from .scheduler import (
     Phase,
     TextEvent,
 )
-from .sampling import SamplingParams
 
 __all__ = [
     "DoneEvent",

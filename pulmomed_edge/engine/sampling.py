@@ -81,10 +81,17 @@ class SequenceSampler:
             del self.recent[0]
 
     # --- sampling -------------------------------------------------------------------------
-    def sample(self, logits: np.ndarray) -> int:
+    def sample(self, logits: np.ndarray, boost: dict[int, float] | None = None) -> int:
+        """The next token; `boost` adds to chosen tokens' logits (they join the candidates)."""
         k = min(self.params.top_k, len(logits))
         ids = np.argpartition(logits, -k)[-k:].astype(np.int32)
-        vals = self._grammar_filter(ids, logits[ids].astype(np.float32))
+        vals = logits[ids].astype(np.float32)
+        if boost:
+            extra = np.array([t for t in boost if t not in set(ids.tolist())], dtype=np.int32)
+            ids = np.concatenate([ids, extra])
+            vals = np.concatenate([vals, logits[extra].astype(np.float32)])
+            vals = vals + np.array([boost.get(int(t), 0.0) for t in ids], dtype=np.float32)
+        vals = self._grammar_filter(ids, vals)
         if not np.isfinite(vals).any():
             # rare: the grammar forbids every top candidate, so judge the whole vocabulary
             all_ids = np.arange(len(logits), dtype=np.int32)

@@ -126,18 +126,22 @@ class GenerationEngine:
         slots: int,
         queue_size: int = 32,
         prefill_chunk: int = 64,
+        solo_prefill_chunk: int = 128,
         max_context_per_slot: int | None = None,
     ) -> None:
         self.rt = runtime
         self.slots = [_Slot(seq=i) for i in range(slots)]
         self.queue_size = queue_size
         self.prefill_chunk = prefill_chunk
+        # even alone a prompt is fed in bounded chunks, so a cancel is seen within ~1 s
+        self.solo_prefill_chunk = solo_prefill_chunk
         self.max_context_per_slot = max_context_per_slot or runtime.n_ctx // max(1, slots)
         self._queue: deque[GenerationTask] = deque()
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._warm_prefix: list[int] = []
+        self._period_tokens = sorted({t for t in (runtime.tokenize(".", special=False)[-1:]) if t >= 0})
         self.failure: str | None = None
         self._task_seconds = 0.0  # moving average of one task's service time (admission)
         self.counters = {
@@ -212,9 +216,7 @@ class GenerationEngine:
                 self._warm(self._warm_prefix)
             while True:
                 with self._cv:
-                    while not self._stopping and not self._queue and not any(
-                        s.busy for s in self.slots
-                    ):
+                    while not self._stopping and not self._queue and not any(s.busy for s in self.slots):
                         self._cv.wait(0.5)
                     if self._stopping:
                         break
@@ -314,9 +316,9 @@ class GenerationEngine:
         for slot in decoding:
             owners.append((slot, len(entries), 1))
             entries.append((slot.pending[0], len(slot.kv_tokens), slot.seq, True))
-        # prompt chunks share what is left of the batch; alone, a prompt may use all of it
+        # prompt chunks share what is left of the batch, smaller while others are streaming
         budget = limit - len(entries)
-        chunk_cap = self.prefill_chunk if decoding else limit
+        chunk_cap = self.prefill_chunk if decoding else self.solo_prefill_chunk
         for slot in sorted(prefilling, key=lambda s: s.task.submitted if s.task else 0.0):
             if budget <= 0:
                 break
@@ -344,7 +346,7 @@ class GenerationEngine:
         task = slot.task
         assert task is not None and slot.sampler is not None and slot.stream is not None
         try:
-            token = slot.sampler.sample(self.rt.logits(batch_index))
+            token = slot.sampler.sample(self.rt.logits(batch_index), self._sentence_end_boost(slot))
         except GrammarRejected:
             self._finish(slot, "stop")
             return
@@ -362,6 +364,17 @@ class GenerationEngine:
             self._finish(slot, "length")
             return
         self._advance_phase(slot)
+
+    def _sentence_end_boost(self, slot: _Slot) -> dict[int, float] | None:
+        """Past a section's soft budget, nudge the model toward ending its sentence."""
+        task = slot.task
+        if task is None or not task.phases:
+            return None
+        phase = task.phases[slot.phase]
+        over = slot.new_tokens - slot.phase_start_tokens - phase.soft_tokens
+        if over < 0:
+            return None
+        return {t: min(8.0, 1.0 + 0.5 * over) for t in self._period_tokens}
 
     def _advance_phase(self, slot: _Slot) -> None:
         task = slot.task
@@ -417,7 +430,9 @@ class GenerationEngine:
         self.counters["cancelled" if finish == "cancelled" else "completed"] += 1
         if finish != "cancelled":
             served = now - slot.started
-            self._task_seconds = served if self._task_seconds == 0 else 0.8 * self._task_seconds + 0.2 * served
+            self._task_seconds = (
+                served if self._task_seconds == 0 else 0.8 * self._task_seconds + 0.2 * served
+            )
         event = DoneEvent(
             text=slot.text,
             finish=finish,

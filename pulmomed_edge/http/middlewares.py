@@ -14,7 +14,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def json_error(status: int, error: str, *, headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+def json_error(
+    status: int, error: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> web.Response:
     return web.json_response({"error": error, **extra}, status=status, headers=headers, dumps=dumps)
 
 

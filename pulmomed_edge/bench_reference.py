@@ -1,0 +1,235 @@
+"""The two references `bench` compares against, on the same GGUF and machine.
+
+- baseline: llama-cpp-python's OpenAI-compatible server (interrupt_requests off), sent the very
+  prompts our teacher renders for the same states, with the same number of new tokens.
+- ceiling: raw batched llama_decode of N sequences at once, no HTTP, no sampling logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .config import Settings, manifest_path
+
+
+def _model_path(args: argparse.Namespace) -> tuple[str, Any]:
+    from .model_store import ModelStore
+
+    settings = Settings.from_env()
+    store = ModelStore(settings.models_dir, manifest_path())
+    name = args.model or store.default_name("llm", test=args.test_models)
+    return name, store.verify(name)
+
+
+def render_prompts(args: argparse.Namespace, plans: list[list[dict]]) -> list[list[str]]:
+    """The exact prompt text our teacher would send to the model for each planned state."""
+    from .app import _open_encoder, _open_index
+    from .cases import CaseLibrary
+    from .engine.chat import ChatTemplate
+    from .engine.runtime import LlamaRuntime, RuntimeConfig
+    from .model_store import ModelStore
+    from .prompts import EXPLANATION_LABEL, SYSTEM_PROMPT, PromptPassage, tighten, user_message
+    from .schema import parse_state
+    from .teacher import TeacherConfig, TeacherService
+
+    settings = Settings.from_env()
+    store = ModelStore(settings.models_dir, manifest_path())
+    encoder, sha = _open_encoder(store, settings)
+    retriever, index = _open_index(settings, encoder, sha)
+    _, path = _model_path(args)
+    rt = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=256, n_seq=1, n_threads=1))
+    template = ChatTemplate.from_runtime(rt)
+    library = CaseLibrary.load()
+    teacher = TeacherService(
+        library=library,
+        search=retriever.search,
+        index_id=index.index_id,
+        cache=None,  # type: ignore[arg-type]
+        config=TeacherConfig(),
+    )
+    out: list[list[str]] = []
+    try:
+        for plan in plans:
+            texts = []
+            for body in plan:
+                state = parse_state(body, library.ids)
+                prepared = teacher.prepare(state)
+                numbered = [
+                    PromptPassage(i + 1, p.fuente, tighten(p.texto)) for i, p in enumerate(prepared.passages)
+                ]
+                texts.append(
+                    template.render(
+                        SYSTEM_PROMPT,
+                        user_message(numbered, prepared.state, prepared.case),
+                        EXPLANATION_LABEL,
+                    )
+                )
+            out.append(texts)
+    finally:
+        rt.close()
+        index.close()
+        encoder.close()
+    return out
+
+
+async def _complete(
+    session: Any, base: str, prompt: str, max_tokens: int
+) -> tuple[float | None, float, int, str]:
+    started = time.perf_counter()
+    ttft = None
+    tokens = 0
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.3, "stream": True}
+    try:
+        async with session.post(base + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                return None, time.perf_counter() - started, 0, f"HTTP {resp.status}"
+            async for raw in resp.content:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0].get("text"):
+                    tokens += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
+    except Exception as exc:
+        return ttft, time.perf_counter() - started, tokens, f"{type(exc).__name__}: {exc}"
+    return ttft, time.perf_counter() - started, tokens, ""
+
+
+async def run_baseline(args: argparse.Namespace, plans: list[list[dict]]) -> dict[str, Any]:
+    import random
+
+    import aiohttp
+
+    from .bench import RssSampler, _free_port, _pct
+
+    prompts = await asyncio.to_thread(render_prompts, args, plans)
+    _, path = _model_path(args)
+    port = _free_port()
+    n_ctx = max(2048, args.max_tokens + 1024)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--interrupt_requests",
+        "False",
+        "--n_threads",
+        str(Settings.from_env().effective_threads),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        async with aiohttp.ClientSession() as s:
+            while True:
+                if proc.poll() is not None:
+                    return {"error": "llama_cpp.server exited (is llama-cpp-python[server] installed?)"}
+                try:
+                    async with s.get(base + "/v1/models") as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    return {"error": "llama_cpp.server did not start"}
+                await asyncio.sleep(0.5)
+        sampler = RssSampler(proc.pid)
+        sampler.start()
+        started = time.perf_counter()
+
+        async def headset(i: int) -> list[tuple[float | None, float, int, str]]:
+            rng = random.Random(args.seed * 1000 + i)
+            timeout = aiohttp.ClientTimeout(total=900)
+            results = []
+            async with aiohttp.ClientSession(timeout=timeout) as s:
+                for prompt in prompts[i]:
+                    if args.think > 0:
+                        await asyncio.sleep(rng.expovariate(1.0 / args.think))
+                    results.append(await _complete(s, base, prompt, args.max_tokens))
+            return results
+
+        runs = [r for rs in await asyncio.gather(*(headset(i) for i in range(len(prompts)))) for r in rs]
+        wall = time.perf_counter() - started
+        rss = await sampler.stop()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    ok = [r for r in runs if not r[3]]
+    tokens = sum(r[2] for r in runs)
+    return {
+        "requests": len(runs),
+        "ok": len(ok),
+        "errors": len(runs) - len(ok),
+        "cut_answers": sum(1 for r in ok if r[2] >= args.max_tokens),
+        "new_tokens": tokens,
+        "wall_s": round(wall, 2),
+        "tok_per_s": round(tokens / wall, 2) if wall else None,
+        "ttft_s": {
+            q: _pct([r[0] for r in ok if r[0] is not None], n)
+            for q, n in (("p50", 50), ("p95", 95), ("p99", 99))
+        },
+        "e2e_s": {q: _pct([r[1] for r in ok], n) for q, n in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "server_rss_mb": round(rss / 2**20, 1) if rss else None,
+    }
+
+
+def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    """Raw batched decode: N sequences, one token each per llama_decode, greedy, no grammar."""
+    from .engine.runtime import LlamaRuntime, RuntimeConfig
+
+    n = args.headsets
+    steps = args.max_tokens
+    _, path = _model_path(args)
+    prompt_len = 32
+    rt = LlamaRuntime(
+        RuntimeConfig(
+            model_path=path,
+            n_ctx=n * (prompt_len + steps + 8),
+            n_seq=n,
+            n_threads=Settings.from_env().effective_threads,
+            n_batch=max(512, n * prompt_len),
+        )
+    )
+    try:
+        prompt = rt.tokenize("El cáncer de pulmón no microcítico es")[:prompt_len]
+        entries = [(t, p, s, p == len(prompt) - 1) for s in range(n) for p, t in enumerate(prompt)]
+        if rt.decode(entries) != 0:
+            return {"error": "prefill failed"}
+        last = [rt.logits(i) for i in range(len(entries)) if entries[i][3]]
+        tokens = [int(np.argmax(lg)) for lg in last]
+        pos = len(prompt)
+        started = time.perf_counter()
+        for _ in range(steps):
+            if rt.decode([(tokens[s], pos, s, True) for s in range(n)]) != 0:
+                return {"error": "decode failed"}
+            tokens = [int(np.argmax(rt.logits(s))) for s in range(n)]
+            pos += 1
+        elapsed = time.perf_counter() - started
+    finally:
+        rt.close()
+    return {
+        "sequences": n,
+        "steps": steps,
+        "tok_per_s": round(n * steps / elapsed, 2),
+        "seconds": round(elapsed, 2),
+    }

@@ -1,0 +1,126 @@
+"""Shared fixtures: the real test models, a real index built once, a real server over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+
+from pulmomed_edge.config import CORPUS_DIR, Settings, manifest_path
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = {"age": 55, "pack_years": 30, "sensitive_tumor_volume": 5.0}
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The test model set, fetched and verified (make test fetches it; this also works alone)."""
+    from pulmomed_edge.model_store import ModelStore
+
+    path = Path(os.environ.get("PULMOMED_MODELS_DIR", REPO / "models"))
+    store = ModelStore(path, manifest_path())
+    store.fetch(store.set_names("test"), progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder_bundle(models_dir: Path):
+    from pulmomed_edge.embeddings import EmbeddingEncoder
+    from pulmomed_edge.model_store import ModelStore
+
+    store = ModelStore(models_dir, manifest_path())
+    name = store.default_name("embeddings", test=True)
+    encoder = EmbeddingEncoder(store.verify(name), store.verify(store.default_name("tokenizer", test=True)))
+    yield encoder, store.entry(name).sha256
+    encoder.close()
+
+
+@pytest.fixture(scope="session")
+def built_index_dir(tmp_path_factory: pytest.TempPathFactory, encoder_bundle) -> Path:
+    """The shipped corpus embedded into a real hnswlib index, once per test session."""
+    from pulmomed_edge.corpus import load_corpus
+    from pulmomed_edge.index import KnowledgeIndex
+
+    encoder, sha = encoder_bundle
+    out = tmp_path_factory.mktemp("index") / "current"
+    KnowledgeIndex.build(load_corpus(CORPUS_DIR), encoder, out, encoder_sha256=sha, progress=False).close()
+    return out
+
+
+@pytest.fixture(scope="session")
+def settings(models_dir: Path, built_index_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        host="127.0.0.1",
+        port=0,
+        test_models=True,
+        models_dir=models_dir,
+        index_dir=built_index_dir,
+        log_dir=tmp_path_factory.mktemp("logs"),
+        slots=4,
+        threads=1,
+        budget_s=60.0,  # the test model is fast; a generous budget keeps the suite deterministic
+        rate_limit_per_min=0,
+    )
+
+
+class Served:
+    """A real server on a loopback port and a client session that talks to it."""
+
+    def __init__(self, server: TestServer, session: ClientSession) -> None:
+        self.server = server
+        self.session = session
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    @property
+    def state(self):
+        from pulmomed_edge.app import STATE
+
+        return self.server.app[STATE]
+
+
+async def start_server(settings: Settings, *, wait: bool = True) -> tuple[TestServer, ClientSession]:
+    from pulmomed_edge.app import create_app
+
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    session = ClientSession()
+    if wait:
+        await wait_ready(server, session)
+    return server, session
+
+
+async def wait_ready(server: TestServer, session: ClientSession, timeout: float = 120.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with session.get(server.make_url("/api/v1/health")) as resp:
+            body = await resp.json()
+        if body["status"] != "starting":
+            return body
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"server still starting: {body}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+async def served(settings: Settings) -> AsyncIterator[Served]:
+    server, session = await start_server(settings)
+    yield Served(server, session)
+    await session.close()
+    await server.close()
+
+
+@pytest.fixture
+def seed() -> dict:
+    return dict(SEED)
+
+
+def with_settings(settings: Settings, **changes: object) -> Settings:
+    return replace(settings, **changes)

@@ -1,0 +1,271 @@
+"""POST /api/v1/consultar_profesor and friends, exactly as shared/API.md says, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from pulmomed_edge.schema import ADVERTENCIA
+
+API = "/api/v1/consultar_profesor"
+RESPONSE_KEYS = {
+    "explicacion",
+    "recomendacion",
+    "fuentes",
+    "advertencia",
+    "retrieved_chunks",
+    "llm_model",
+    "model_used",
+    "processing_time_ms",
+}
+
+
+async def post(served, body, *, raw: bytes | None = None, path: str = API):
+    data = raw if raw is not None else json.dumps(body).encode()
+    async with served.session.post(
+        served.url(path), data=data, headers={"Content-Type": "application/json"}
+    ) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_seed_request_succeeds_with_a_generated_grounded_answer(served, seed):
+    status, body = await post(served, seed)
+    assert status == 200, body
+    assert body.keys() >= RESPONSE_KEYS
+    assert body["llm_model"] == body["model_used"] == "smollm2-135m-instruct-q4_1"
+    assert body["explicacion"].strip() and body["recomendacion"].strip()
+    assert body["advertencia"] == ADVERTENCIA
+    assert body["retrieved_chunks"] == len(body["pasajes"]) >= 1
+    assert 1 <= len(body["fuentes"]) <= body["retrieved_chunks"]
+    assert body["estadio"] == "IB (T2a)"
+    assert isinstance(body["processing_time_ms"], int) and body["processing_time_ms"] >= 0
+
+
+async def test_fuentes_are_exactly_the_sources_of_the_passages_used(served, seed):
+    seed["age"] = 66
+    _, body = await post(served, seed)
+    index = served.state.retriever.index
+    by_id = {p.id: p for p in index.passages}
+    expected = list(dict.fromkeys(by_id[i].fuente for i in body["pasajes"]))
+    assert body["fuentes"] == expected
+
+
+async def test_ex_smoker_is_valid(served):
+    status, body = await post(
+        served, {"edad": 61, "es_fumador": False, "pack_years": 25, "volumen_tumor_sensible": 2.0}
+    )
+    assert status == 200, body
+    assert body["estadio"] == "IA (T1a)"
+
+
+async def test_spanish_wire_names_work_too(served):
+    body = {
+        "edad": 70,
+        "es_fumador": True,
+        "pack_years": 50,
+        "dias_desde_cambio": 0,
+        "dieta": "mala",
+        "volumen_tumor_sensible": 30.0,
+        "volumen_tumor_resistente": 5.0,
+        "tratamiento_activo": "quimio",
+        "dias_tratamiento": 40,
+        "modo": "libre",
+        "caso_id": None,
+        "lung_state": "progresando",
+    }
+    status, answer = await post(served, body)
+    assert status == 200, answer
+    assert answer["estadio"] == "IIB (T3)"
+
+
+@pytest.mark.parametrize(
+    ("body", "campo"),
+    [
+        ({"age": 17, "sensitive_tumor_volume": 1.0}, "age"),
+        ({"edad": 101, "volumen_tumor_sensible": 1.0}, "edad"),
+        ({"edad": 50, "volumen_tumor_sensible": -1.0}, "volumen_tumor_sensible"),
+        ({"edad": 50, "volumen_tumor_sensible": 1.0, "pack_years": 151}, "pack_years"),
+        ({"edad": "cincuenta", "volumen_tumor_sensible": 1.0}, "edad"),
+        ({"edad": "50", "volumen_tumor_sensible": 1.0}, "edad"),
+        ({"edad": 50.5, "volumen_tumor_sensible": 1.0}, "edad"),
+        ({"edad": 50, "volumen_tumor_sensible": 1.0, "es_fumador": "si"}, "es_fumador"),
+        ({"edad": 50, "volumen_tumor_sensible": 1.0, "dieta": "vegana"}, "dieta"),
+        ({"edad": 50, "volumen_tumor_sensible": 1.0, "tratamiento_activo": "cirugia"}, "tratamiento_activo"),
+        ({"edad": 50, "volumen_tumor_sensible": 1.0, "modo": "examen"}, "modo"),
+        ({"edad": 50, "volumen_tumor_sensible": 1.0, "lung_state": "roto"}, "lung_state"),
+        ({"edad": 50, "volumen_tumor_sensible": 1.0, "dias_tratamiento": -3}, "dias_tratamiento"),
+        ({"edad": 50}, "volumen_tumor_sensible"),
+        ({"volumen_tumor_sensible": 1.0}, "edad"),
+        ({"edad": 50, "age": 50, "volumen_tumor_sensible": 1.0}, "edad"),
+        ({"edad": 50, "volumen_tumor_sensible": 1.0, "modo": "biblioteca"}, "caso_id"),
+        (
+            {"edad": 50, "volumen_tumor_sensible": 1.0, "mode": "biblioteca", "case_id": "NO_EXISTE"},
+            "case_id",
+        ),
+    ],
+)
+async def test_bad_field_is_422_naming_the_field_in_spanish(served, body, campo):
+    status, answer = await post(served, body)
+    assert status == 422, answer
+    assert answer["error"]
+    assert campo in [d["campo"] for d in answer["detalles"]], answer
+    assert all(d["mensaje"] for d in answer["detalles"])
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_and_infinity_are_422(served, constant):
+    raw = f'{{"edad": 50, "volumen_tumor_sensible": {constant}}}'.encode()
+    status, answer = await post(served, None, raw=raw)
+    assert status == 422
+    assert answer["detalles"][0]["campo"] == "volumen_tumor_sensible"
+    assert "finito" in answer["detalles"][0]["mensaje"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"texto"', b"42"])
+async def test_body_that_is_not_a_json_object_is_400(served, raw):
+    status, answer = await post(served, None, raw=raw)
+    assert status == 400
+    assert answer["error"]
+
+
+async def test_body_over_64_kib_is_413(served, seed):
+    raw = json.dumps({**seed, "relleno": "x" * (65 * 1024)}).encode()
+    status, answer = await post(served, None, raw=raw)
+    assert status == 413
+    assert "64 KiB" in answer["error"]
+
+
+async def test_state_survives_a_bad_request(served, seed):
+    await post(served, None, raw=b"{broken")
+    status, _ = await post(served, seed)
+    assert status == 200
+
+
+async def test_biblioteca_with_a_real_case_puts_the_case_in_the_answer(served):
+    body = {
+        "edad": 52,
+        "es_fumador": False,
+        "pack_years": 0,
+        "volumen_tumor_sensible": 24.8,
+        "volumen_tumor_resistente": 0.5,
+        "modo": "biblioteca",
+        "caso_id": "SEER_003_mutacion_EGFR",
+    }
+    status, answer = await post(served, body)
+    assert status == 200, answer
+    case = served.state.library.get("SEER_003_mutacion_EGFR")
+    assert case.fuente_estadistica in answer["fuentes"]
+
+
+async def test_cache_hit_does_not_call_the_llm_and_a_new_age_decade_misses(served):
+    engine = served.state.engine
+    body = {"age": 44, "pack_years": 12, "is_smoker": True, "sensitive_tumor_volume": 20.0}
+    _, first = await post(served, body)
+    generations = engine.counters["generations"]
+    _, again = await post(served, {**body, "age": 47})  # same decade, same buckets
+    assert engine.counters["generations"] == generations
+    assert again["cache"] == "hit"
+    assert again["explicacion"] == first["explicacion"]
+    _, other = await post(served, {**body, "age": 52})  # another decade
+    assert engine.counters["generations"] == generations + 1
+    assert other["cache"] == "miss"
+
+
+async def test_fallback_timeout_answers_from_passages_and_frees_the_slot(served):
+    from dataclasses import replace
+
+    teacher = served.state.teacher
+    original = teacher.config
+    teacher.config = replace(original, budget_s=0.05)
+    try:
+        status, body = await post(served, {"age": 81, "pack_years": 70, "sensitive_tumor_volume": 90.0})
+    finally:
+        teacher.config = original
+    assert status == 200
+    assert body["llm_model"] == body["model_used"] == "fallback-timeout"
+    assert body["explicacion"] and body["recomendacion"] and body["fuentes"]
+    for _ in range(250):  # the worker frees the slot at its next decode step
+        if served.state.engine.stats()["active"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert served.state.engine.stats()["active"] == 0
+    # fallbacks are not cached: the same state now gets a real answer
+    status, again = await post(served, {"age": 81, "pack_years": 70, "sensitive_tumor_volume": 90.0})
+    assert again["llm_model"] == "smollm2-135m-instruct-q4_1"
+
+
+async def test_health_answers_fast_while_a_generation_runs(served):
+    body = {"age": 38, "pack_years": 0, "sensitive_tumor_volume": 60.0, "active_treatment": "inmuno"}
+    generation = asyncio.create_task(post(served, body))
+    for _ in range(200):
+        if served.state.engine.stats()["active"] > 0:
+            break
+        await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with served.session.get(served.url("/api/v1/health")) as resp:
+        health = await resp.json()
+    elapsed = loop.time() - started
+    assert resp.status == 200 and health["status"] == "healthy"
+    assert elapsed < 0.2
+    status, _ = await generation
+    assert status == 200
+
+
+async def test_library_cases_and_alias(served):
+    for path in ("/api/v1/library_cases", "/api/v1/casos_biblioteca"):
+        async with served.session.get(served.url(path)) as resp:
+            body = await resp.json()
+        assert resp.status == 200
+        assert body["count"] == 7 == len(body["cases"])
+        required = {
+            "caso_id",
+            "titulo",
+            "descripcion",
+            "edad",
+            "es_fumador",
+            "pack_years",
+            "dieta",
+            "volumen_inicial_sensible",
+            "volumen_inicial_resistente",
+            "objetivos_aprendizaje",
+            "fuente_estadistica",
+        }
+        assert all(required <= c.keys() for c in body["cases"])
+
+
+async def test_one_library_case_and_unknown_is_404(served):
+    async with served.session.get(served.url("/api/v1/library_cases/SEER_006_comorbilidades")) as resp:
+        body = await resp.json()
+    assert resp.status == 200 and body["found"] is True
+    assert body["case"]["edad"] == 74 and body["case"]["pack_years"] == 60
+    async with served.session.get(served.url("/api/v1/library_cases/NADA")) as resp:
+        body = await resp.json()
+    assert resp.status == 404 and body["error"]
+
+
+async def test_health_reports_every_component(served):
+    async with served.session.get(served.url("/api/v1/health")) as resp:
+        body = await resp.json()
+    assert resp.status == 200 and body["status"] == "healthy"
+    comps = body["components"]
+    assert comps["llm"]["loaded"] is True and len(comps["llm"]["sha256"]) == 64
+    assert comps["index"]["passages"] >= 120 and comps["index"]["index_id"]
+    assert comps["embeddings"]["status"] == "ready"
+    assert {"entries", "hits", "misses"} <= comps["cache"].keys()
+    assert body["version"]
+
+
+async def test_unknown_route_is_json_404(served):
+    async with served.session.get(served.url("/api/v1/nada")) as resp:
+        body = await resp.json()
+    assert resp.status == 404 and body["error"]
+
+
+async def test_status_page_shows_state_and_addresses(served):
+    async with served.session.get(served.url("/")) as resp:
+        text = await resp.text()
+    assert resp.status == 200
+    assert "Listo para la clase" in text and "Dirección para los visores" in text

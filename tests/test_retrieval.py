@@ -1,0 +1,252 @@
+"""Retrieval contract: the real encoder, a real index built from the real corpus, real questions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pulmomed_edge.config import CORPUS_DIR
+from pulmomed_edge.corpus import CHUNK_WORDS, chunk_documents, corpus_hash, load_corpus
+from pulmomed_edge.errors import CorpusError, KnowledgeIndexError
+from pulmomed_edge.index import KnowledgeIndex, index_is_stale
+from pulmomed_edge.lexical import LexicalIndex
+from pulmomed_edge.retrieval import Retriever, evaluate, measure_speed
+
+DATA = Path(__file__).resolve().parent / "data"
+OFF_TOPIC = [
+    "receta de tortilla de patatas",
+    "¿quién ganó el mundial de fútbol?",
+    "¿Cuál es la capital de Francia?",
+    "cómo arreglar una bicicleta",
+    "mejores videojuegos del año",
+    "historia de la segunda guerra mundial",
+]
+
+
+# The models, the encoder and the built index come from conftest.py (one build per session).
+@pytest.fixture(scope="session")
+def encoder(encoder_bundle):
+    return encoder_bundle[0]
+
+
+@pytest.fixture(scope="session")
+def encoder_sha(encoder_bundle) -> str:
+    return encoder_bundle[1]
+
+
+@pytest.fixture(scope="session")
+def passages():
+    return load_corpus(CORPUS_DIR)
+
+
+@pytest.fixture(scope="session")
+def built_dir(built_index_dir) -> Path:
+    return built_index_dir
+
+
+@pytest.fixture(scope="session")
+def index(built_dir, encoder, encoder_sha):
+    idx = KnowledgeIndex.load(built_dir, encoder_sha256=encoder_sha, dim=encoder.dim)
+    yield idx
+    idx.close()
+
+
+@pytest.fixture(scope="session")
+def retriever(index, encoder):
+    return Retriever(index, encoder, LexicalIndex(index.passages))
+
+
+@pytest.fixture
+def index_copy(built_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(built_dir, tmp_path / "index"))
+
+
+def _assert_rebuild_error(excinfo: pytest.ExceptionInfo) -> None:
+    assert "pulmomed-edge index build" in excinfo.value.fix
+    assert "pulmomed-edge index build" in str(excinfo.value)
+
+
+# --- encoder -------------------------------------------------------------------------------
+
+
+def test_encoder_output_is_unit_norm_and_deterministic(encoder):
+    texts = ["El adenocarcinoma es el subtipo más frecuente.", "ECOG 2", "¿Qué es la inmunoterapia?"]
+    first, second = encoder.encode(texts), encoder.encode(list(reversed(texts)))[::-1]
+    assert first.shape == (3, encoder.dim) and first.dtype == np.float32
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(first, second, atol=1e-5)  # batch order and padding do not change a vector
+    assert np.allclose(encoder.encode_one(texts[1]), first[1], atol=1e-5)
+
+
+def test_similar_spanish_sentences_score_higher_than_unrelated(encoder):
+    a, b, c = encoder.encode(
+        [
+            "El tabaco es la principal causa del cáncer de pulmón.",
+            "Fumar cigarrillos provoca la mayoría de los tumores pulmonares.",
+            "La paella valenciana lleva arroz, pollo y judías verdes.",
+        ]
+    )
+    assert float(a @ b) > float(a @ c) + 0.1
+
+
+def test_long_text_is_truncated_not_rejected(encoder):
+    vector = encoder.encode_one("cáncer de pulmón " * 1000)
+    assert np.isclose(np.linalg.norm(vector), 1.0, atol=1e-5)
+
+
+# --- retrieval quality ---------------------------------------------------------------------
+
+
+def test_eval_queries_all_hit_in_top_3_with_grounded_top_hit(retriever):
+    result = evaluate(retriever, DATA / "retrieval_eval.jsonl")
+    assert result["n"] == 15
+    assert result["hit@3"] == 1.0, result["misses"]
+    assert result["grounded_top"] == 1.0
+
+
+def test_extra_student_questions_mostly_hit_in_top_3(retriever):
+    result = evaluate(retriever, DATA / "retrieval_extra.jsonl")
+    assert result["hit@3"] >= 0.85, result["misses"]
+
+
+@pytest.mark.parametrize("query", OFF_TOPIC)
+def test_off_topic_question_has_no_grounded_hits(retriever, query):
+    hits = retriever.search(query, k=5)
+    assert hits, "search still returns passages; the teacher decides by `grounded`"
+    assert not any(h.grounded for h in hits), [(h.passage.id, h.dense, h.coverage) for h in hits]
+
+
+@pytest.mark.parametrize("mode", ["dense", "lexical", "fused"])
+def test_every_mode_returns_k_ranked_hits(index, encoder, mode):
+    retriever = Retriever(index, encoder, LexicalIndex(index.passages), mode=mode)
+    hits = retriever.search("tratamiento con osimertinib", k=5)
+    assert len(hits) == 5
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert all(-1.0 <= h.dense <= 1.0 for h in hits)
+
+
+def test_measure_speed_reports_percentiles(retriever):
+    speed = measure_speed(retriever, ["Escala ECOG", "¿Qué es el cribado?"], rounds=1)
+    assert set(speed["encode_ms"]) == {"p50", "p95"} and speed["search_ms"]["p50"] > 0
+
+
+# --- index files ---------------------------------------------------------------------------
+
+
+def test_index_carries_its_passages_and_manifest(index, passages, encoder_sha):
+    assert [p.id for p in index.passages] == [p.id for p in passages]
+    assert index.manifest["passage_count"] == len(passages)
+    assert index.manifest["corpus_hash"] == corpus_hash(passages)
+    assert index.manifest["encoder_sha256"] == encoder_sha
+    assert len(index.index_id) == 12
+
+
+@pytest.mark.parametrize("name", ["index.bin", "passages.jsonl", "manifest.json"])
+def test_missing_index_file_asks_for_a_rebuild(index_copy, encoder, encoder_sha, name):
+    (index_copy / name).unlink()
+    with pytest.raises(KnowledgeIndexError) as excinfo:
+        KnowledgeIndex.load(index_copy, encoder_sha256=encoder_sha, dim=encoder.dim)
+    _assert_rebuild_error(excinfo)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("index.bin", lambda b: b[: len(b) // 2]),
+        ("index.bin", lambda b: b[:100] + bytes(len(b) - 100)),
+        ("passages.jsonl", lambda b: b"\n".join(b.splitlines()[:-1]) + b"\n"),
+        ("passages.jsonl", lambda b: b"{not json\n" + b),
+        ("manifest.json", lambda b: b"{ broken"),
+        ("manifest.json", lambda b: b"[]"),
+    ],
+)
+def test_corrupt_index_file_asks_for_a_rebuild(index_copy, encoder, encoder_sha, name, damage):
+    path = index_copy / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(KnowledgeIndexError) as excinfo:
+        KnowledgeIndex.load(index_copy, encoder_sha256=encoder_sha, dim=encoder.dim)
+    _assert_rebuild_error(excinfo)
+
+
+def test_index_built_with_another_encoder_is_refused(index_copy, encoder, encoder_sha):
+    manifest = json.loads((index_copy / "manifest.json").read_text())
+    manifest["encoder_sha256"] = "0" * 64
+    (index_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KnowledgeIndexError) as excinfo:
+        KnowledgeIndex.load(index_copy, encoder_sha256=encoder_sha, dim=encoder.dim)
+    _assert_rebuild_error(excinfo)
+    with pytest.raises(KnowledgeIndexError):
+        KnowledgeIndex.load(index_copy, encoder_sha256=encoder_sha, dim=encoder.dim + 1)
+
+
+def test_rebuild_replaces_an_existing_index_atomically(index_copy, passages, encoder, encoder_sha):
+    subset = passages[:12]
+    KnowledgeIndex.build(subset, encoder, index_copy, encoder_sha256=encoder_sha, progress=False).close()
+    reloaded = KnowledgeIndex.load(index_copy, encoder_sha256=encoder_sha, dim=encoder.dim)
+    assert len(reloaded) == 12
+    assert [p.id for p in reloaded.passages] == [p.id for p in subset]
+    assert reloaded.search(encoder.encode_one(subset[3].texto), 1)[0][0] == 3
+    assert sorted(p.name for p in index_copy.parent.iterdir()) == ["index"]  # no temp or old dirs left
+
+
+def test_stale_index_is_detected(built_dir, passages, encoder_sha, tmp_path):
+    assert not index_is_stale(built_dir, passages, encoder_sha)
+    assert index_is_stale(built_dir, passages[:-1], encoder_sha)
+    assert index_is_stale(built_dir, passages, "f" * 64)
+    assert index_is_stale(tmp_path / "nowhere", passages, encoder_sha)
+
+
+# --- corpus --------------------------------------------------------------------------------
+
+
+def test_corpus_loads_with_unique_ids_and_sources(passages):
+    assert len(passages) >= 100
+    assert len({p.id for p in passages}) == len(passages)
+    assert all(p.fuente and p.texto for p in passages)
+
+
+def test_corpus_hash_is_stable_and_content_sensitive(passages):
+    assert corpus_hash(passages) == corpus_hash(list(passages))
+    assert corpus_hash(passages) != corpus_hash(passages[1:])
+
+
+def _record(pid: str) -> str:
+    return json.dumps({"id": pid, "titulo": "T", "fuente": "F", "temas": ["x"], "texto": "texto"})
+
+
+def test_bad_corpus_line_is_named_by_file_and_line(tmp_path):
+    (tmp_path / "a.jsonl").write_text(_record("a-1") + "\n" + '{"id": "a-2"}\n')
+    with pytest.raises(CorpusError, match=r"a\.jsonl:2"):
+        load_corpus(tmp_path)
+
+
+def test_duplicate_passage_id_is_refused(tmp_path):
+    (tmp_path / "a.jsonl").write_text(_record("dup") + "\n")
+    (tmp_path / "b.jsonl").write_text("\n" + _record("dup") + "\n")
+    with pytest.raises(CorpusError, match=r"b\.jsonl:2.*dup"):
+        load_corpus(tmp_path)
+
+
+def test_lab_document_is_chunked_with_its_source(tmp_path):
+    paragraphs = [" ".join(f"palabra{p}_{w}" for w in range(60)) for p in range(6)]
+    text = "Fuente: Protocolo del hospital 2024\n\n# Guía de nódulos\n\n" + "\n\n".join(paragraphs)
+    (tmp_path / "Guía Nódulos.md").write_text(text, encoding="utf-8")
+    chunks = chunk_documents(tmp_path)
+    assert len(chunks) >= 3
+    assert [c.id for c in chunks] == [f"doc-guia-nodulos-{n}" for n in range(1, len(chunks) + 1)]
+    assert {c.fuente for c in chunks} == {"Protocolo del hospital 2024"}
+    assert {c.titulo for c in chunks} == {"Guía de nódulos"}
+    assert all(len(c.texto.split()) <= CHUNK_WORDS for c in chunks)
+    assert chunks[1].texto.split()[0] in chunks[0].texto.split()  # consecutive chunks overlap
+    every_word = {w for p in paragraphs for w in p.split()}
+    assert every_word == {w for c in chunks for w in c.texto.split()}
+
+
+def test_lab_document_without_source_line_is_refused(tmp_path):
+    (tmp_path / "notas.txt").write_text("Unas notas sin origen.\n\nOtro párrafo.\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"notas\.txt"):
+        chunk_documents(tmp_path)
