@@ -43,7 +43,8 @@ test: models-test lint
 	$(BIN)/python -m pytest
 
 bench: index
-	$(BIN)/pulmomed-edge bench --spawn
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/pulmomed-edge bench --spawn --baseline --ceiling --stream --json bench-results/latest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -27,6 +27,9 @@ class RuntimeConfig:
     n_seq: int
     n_threads: int
     n_batch: int = 512
+    # llama.cpp's repacked CPU weights round differently with batch shape, so a sequence's output
+    # would depend on its neighbours; on this machine they were not faster either (BENCHMARKS.md)
+    repack: bool = False
 
 
 _backend_ready = False
@@ -60,6 +63,7 @@ class LlamaRuntime:
             _backend_ready = True
         self.config = config
         mparams = llama_cpp.llama_model_default_params()
+        mparams.use_extra_bufts = config.repack
         self.model = llama_cpp.llama_model_load_from_file(str(config.model_path).encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {config.model_path}")
@@ -72,6 +76,9 @@ class LlamaRuntime:
         cparams.n_threads_batch = config.n_threads
         cparams.kv_unified = True  # sequences share prefix cells (seq_cp is free)
         cparams.no_perf = True
+        # flash attention skips other sequences' (masked) cells, so a sequence's arithmetic does not
+        # depend on who shares the batch: greedy output is the same alone and batched
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)

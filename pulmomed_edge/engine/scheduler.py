@@ -89,6 +89,7 @@ class EngineStopped(RuntimeError):
 class _Slot:
     seq: int
     kv_tokens: list[int] = field(default_factory=list)  # exactly what this sequence's KV holds
+    prompt_len: int = 0  # the leading kv_tokens that were evaluated as aligned prompt chunks
     task: GenerationTask | None = None
     pending: list[int] = field(default_factory=list)  # tokens to decode before the next sample
     sampler: SequenceSampler | None = None
@@ -126,15 +127,16 @@ class GenerationEngine:
         slots: int,
         queue_size: int = 32,
         prefill_chunk: int = 64,
-        solo_prefill_chunk: int = 128,
         max_context_per_slot: int | None = None,
     ) -> None:
         self.rt = runtime
         self.slots = [_Slot(seq=i) for i in range(slots)]
         self.queue_size = queue_size
+        # Prompts are evaluated in chunks aligned to multiples of this size, one chunk per step, and
+        # cached prefixes are reused only up to such a boundary: every sequence's arithmetic is then
+        # the same whoever shares the batch (greedy output alone == batched), and a cancel is seen
+        # within one short step.
         self.prefill_chunk = prefill_chunk
-        # even alone a prompt is fed in bounded chunks, so a cancel is seen within ~1 s
-        self.solo_prefill_chunk = solo_prefill_chunk
         self.max_context_per_slot = max_context_per_slot or runtime.n_ctx // max(1, slots)
         self._queue: deque[GenerationTask] = deque()
         self._cv = threading.Condition()
@@ -241,15 +243,17 @@ class GenerationEngine:
     def _warm(self, prefix: list[int]) -> None:
         """Evaluate the shared system prefix once and share its KV cells with every slot."""
         first = self.slots[0]
-        for start in range(0, len(prefix), self.rt.config.n_batch):
-            chunk = prefix[start : start + self.rt.config.n_batch]
+        for start in range(0, len(prefix), self.prefill_chunk):
+            chunk = prefix[start : start + self.prefill_chunk]
             rc = self.rt.decode([(t, start + i, first.seq, False) for i, t in enumerate(chunk)])
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed warming the prefix (code {rc})")
         first.kv_tokens = list(prefix)
+        first.prompt_len = len(prefix)
         for slot in self.slots[1:]:
             self.rt.seq_cp(first.seq, slot.seq, 0, len(prefix))
             slot.kv_tokens = list(prefix)
+            slot.prompt_len = len(prefix)
         self.counters["prompt_tokens"] += len(prefix)
 
     def _drop_cancelled(self) -> None:
@@ -278,19 +282,26 @@ class GenerationEngine:
 
     def _assign(self, task: GenerationTask, free: list[_Slot]) -> None:
         prompt = task.prompt
-        dst = max(free, key=lambda s: (common_prefix(s.kv_tokens, prompt), -s.last_used))
-        own = common_prefix(dst.kv_tokens, prompt)
-        src = max(self.slots, key=lambda s: common_prefix(s.kv_tokens, prompt))
-        best = common_prefix(src.kv_tokens, prompt)
+
+        def reusable(slot: _Slot) -> int:
+            common = common_prefix(slot.kv_tokens[: slot.prompt_len], prompt)
+            common = min(common, len(prompt) - 1)  # the last prompt token is always evaluated
+            return common - common % self.prefill_chunk
+
+        dst = max(free, key=lambda s: (reusable(s), -s.last_used))
+        own = reusable(dst)
+        src = max(self.slots, key=reusable)
+        best = reusable(src)
         if best > own and src is not dst:
             # borrow another slot's cached prefix: cells are shared, not recomputed
             self.rt.seq_rm(dst.seq, -1, -1)
             self.rt.seq_cp(src.seq, dst.seq, 0, best)
             dst.kv_tokens = list(prompt[:best])
             own = best
-        reuse = min(own, len(prompt) - 1)
+        reuse = own
         self.rt.seq_rm(dst.seq, reuse, -1)
         del dst.kv_tokens[reuse:]
+        dst.prompt_len = len(prompt)
         dst.task = task
         dst.pending = list(prompt[reuse:])
         dst.sampler = SequenceSampler(self.rt, task.grammar, task.params)
@@ -316,19 +327,15 @@ class GenerationEngine:
         for slot in decoding:
             owners.append((slot, len(entries), 1))
             entries.append((slot.pending[0], len(slot.kv_tokens), slot.seq, True))
-        # prompt chunks share what is left of the batch, smaller while others are streaming
-        budget = limit - len(entries)
-        chunk_cap = self.prefill_chunk if decoding else self.solo_prefill_chunk
-        for slot in sorted(prefilling, key=lambda s: s.task.submitted if s.task else 0.0):
-            if budget <= 0:
-                break
-            n = min(len(slot.pending), budget, chunk_cap)
+        # one prompt chunk per step (the oldest request first), ending on an aligned boundary
+        waiting = sorted(prefilling, key=lambda s: s.task.submitted if s.task else 0.0)
+        if waiting:
+            slot = waiting[0]
             base = len(slot.kv_tokens)
+            n = min(len(slot.pending), self.prefill_chunk - base % self.prefill_chunk, limit - len(entries))
             owners.append((slot, len(entries), n))
             for i in range(n):
-                last = i == n - 1 and n == len(slot.pending)
-                entries.append((slot.pending[i], base + i, slot.seq, last))
-            budget -= n
+                entries.append((slot.pending[i], base + i, slot.seq, i == n - 1 and n == len(slot.pending)))
         rc = self.rt.decode(entries)
         self.counters["decode_steps"] += 1
         if rc != 0:
@@ -452,6 +459,7 @@ class GenerationEngine:
         # the sequence's KV may be half-written: forget it entirely
         self.rt.seq_rm(slot.seq, -1, -1)
         slot.kv_tokens = []
+        slot.prompt_len = 0
         self._release(slot)
         if task is not None:
             task.sink(ErrorEvent(message))

@@ -1,0 +1,214 @@
+"""A whole class at once: single-flight, streaming, cancellation, admission, rate limit, bench."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from pulmomed_edge.engine import DoneEvent, GenerationTask, SamplingParams
+from pulmomed_edge.http.middlewares import RateLimiter
+from pulmomed_edge.prompts import EXPLANATION_LABEL, SYSTEM_PROMPT
+
+API = "/api/v1/consultar_profesor"
+
+
+async def post(served, body):
+    async with served.session.post(served.url(API), json=body) as resp:
+        return resp.status, await resp.json()
+
+
+async def read_stream(served, body, *, stop_after_deltas: int | None = None):
+    """(events as (name, data) in order); stops early and closes the connection if asked."""
+    events = []
+    deltas = 0
+    async with served.session.post(served.url(API + "/stream"), json=body) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        name = ""
+        async for raw in resp.content:
+            line = raw.decode("utf-8").rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+                if name == "delta":
+                    deltas += 1
+                    if stop_after_deltas is not None and deltas >= stop_after_deltas:
+                        resp.close()
+                        return events
+    return events
+
+
+async def wait_idle(engine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.stats()["active"] or engine.stats()["queued"]:
+        assert time.monotonic() < deadline, engine.stats()
+        await asyncio.sleep(0.02)
+
+
+async def test_sixteen_identical_requests_share_one_generation(served):
+    engine = served.state.engine
+    await wait_idle(engine)
+    body = {"age": 29, "pack_years": 5, "is_smoker": True, "sensitive_tumor_volume": 12.0, "diet": "mala"}
+    before = engine.counters["generations"]
+    answers = await asyncio.gather(*(post(served, body) for _ in range(16)))
+    assert all(status == 200 for status, _ in answers)
+    assert engine.counters["generations"] == before + 1
+    texts = {(a["explicacion"], a["recomendacion"]) for _, a in answers}
+    assert len(texts) == 1
+    assert all(a["llm_model"] == "smollm2-135m-instruct-q4_1" for _, a in answers)
+
+
+async def test_stream_sends_meta_deltas_then_the_same_done_object(served):
+    body = {"age": 63, "pack_years": 28, "sensitive_tumor_volume": 8.5, "resistant_tumor_volume": 2.1}
+    events = await read_stream(served, body)
+    names = [n for n, _ in events]
+    assert names[0] == "meta" and names[-1] == "done" and "delta" in names
+    meta, done = events[0][1], events[-1][1]
+    assert meta["estadio"] == done["estadio"] == "IB (T2a)"
+    assert meta["fuentes"] == done["fuentes"] and meta["retrieved_chunks"] == done["retrieved_chunks"]
+    assert {"explicacion", "recomendacion", "advertencia", "llm_model", "model_used"} <= done.keys()
+    streamed = {"explicacion": "", "recomendacion": ""}
+    for name, data in events:
+        if name == "delta":
+            streamed[data["seccion"]] += data["texto"]
+    # the final answer is the streamed text, at most trimmed to whole sentences
+    assert streamed["explicacion"].strip().startswith(done["explicacion"][:-1].strip()[:40])
+    assert streamed["recomendacion"].strip()
+    # and the non-streaming endpoint now serves the very same answer from the cache
+    status, again = await post(served, body)
+    assert status == 200 and again["cache"] == "hit"
+    assert again["explicacion"] == done["explicacion"]
+
+
+async def test_late_joiner_gets_what_was_already_generated_then_the_rest(served):
+    body = {"age": 77, "pack_years": 90, "is_smoker": True, "sensitive_tumor_volume": 50.0}
+    first = asyncio.create_task(read_stream(served, body))
+    engine = served.state.engine
+    for _ in range(1000):
+        if engine.stats()["active"] and engine.counters["new_tokens"]:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    late = await read_stream(served, body)
+    early = await first
+
+    def text(events):
+        return "".join(d["texto"] for n, d in events if n == "delta")
+
+    assert text(late) == text(early) and text(late)
+    assert late[-1][1]["cache"] in ("shared", "hit")
+
+
+async def test_client_that_disconnects_frees_its_slot(served):
+    engine = served.state.engine
+    await wait_idle(engine)
+    before = engine.counters["cancelled"]
+    body = {"age": 88, "pack_years": 40, "sensitive_tumor_volume": 100.0, "active_treatment": "radio"}
+    await read_stream(served, body, stop_after_deltas=2)
+    await wait_idle(engine)
+    assert engine.counters["cancelled"] == before + 1
+
+
+async def test_greedy_output_is_the_same_alone_and_in_a_batch(served):
+    engine = served.state.engine
+    teacher = served.state.teacher
+    await wait_idle(engine)
+    llm = teacher.llm
+    prompts = [
+        llm.tokenize(
+            llm.template.render(SYSTEM_PROMPT, f"Pregunta {i}: ¿qué es el estadio {s}?", EXPLANATION_LABEL)
+        )
+        for i, s in enumerate(["IA", "IIB", "IIIA", "IV"])
+    ]
+
+    def run(batch: list[list[int]]) -> list[str]:
+        results: dict[int, str] = {}
+        done = threading.Event()
+
+        def sink_for(i: int):
+            def sink(ev):
+                if isinstance(ev, DoneEvent):
+                    results[i] = ev.text
+                    if len(results) == len(batch):
+                        done.set()
+
+            return sink
+
+        for i, prompt in enumerate(batch):
+            engine.submit(
+                GenerationTask(
+                    prompt=prompt,
+                    sink=sink_for(i),
+                    max_new_tokens=24,
+                    params=SamplingParams(temperature=0.0),
+                )
+            )
+        assert done.wait(120)
+        return [results[i] for i in range(len(batch))]
+
+    alone = await asyncio.to_thread(run, [prompts[0]])
+    together = await asyncio.to_thread(run, prompts)
+    assert alone[0] and together[0] == alone[0]
+
+
+async def test_full_queue_answers_fallback_busy_at_once(served):
+    engine = served.state.engine
+    await wait_idle(engine)
+    size = engine.queue_size
+    engine.queue_size = 0
+    try:
+        status, body = await post(served, {"age": 35, "pack_years": 0, "sensitive_tumor_volume": 3.3})
+    finally:
+        engine.queue_size = size
+    assert status == 200
+    assert body["llm_model"] == "fallback-busy"
+    assert body["explicacion"] and body["recomendacion"] and body["fuentes"]
+
+
+async def test_rate_limit_per_headset_is_429_with_retry_after(served, seed):
+    state = served.state
+    original = state.rate_limiter
+    state.rate_limiter = RateLimiter(2, time.monotonic)
+    try:
+        results = [await post(served, seed) for _ in range(3)]
+        async with served.session.get(served.url("/api/v1/health")) as resp:
+            health_status = resp.status
+    finally:
+        state.rate_limiter = original
+    assert [s for s, _ in results] == [200, 200, 429]
+    assert "Espera" in results[2][1]["error"]
+    assert health_status == 200  # health is never rate limited
+
+
+def test_bench_short_mode_completes_and_reports(settings, tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(
+        os.environ,
+        PULMOMED_MODELS_DIR=str(settings.models_dir),
+        PULMOMED_INDEX_DIR=str(settings.index_dir),
+        PULMOMED_LOG_DIR=str(tmp_path / "logs"),
+        PULMOMED_THREADS="1",
+    )
+    cmd = [sys.executable, "-m", "pulmomed_edge", "bench", "--spawn", "--test-models", "--headsets", "4"]
+    cmd += ["--requests", "1", "--max-tokens", "32", "--stream", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    ours = report["pulmomed"]
+    assert ours["requests"] == 4
+    assert {
+        "ttft_s",
+        "e2e_s",
+        "tok_per_s",
+        "by_llm_model",
+        "errors",
+        "generations",
+        "server_rss_mb",
+    } <= ours.keys()
+    assert "TTFT p50 s" in proc.stdout
