@@ -45,6 +45,7 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument("--mix", default="libre:0.7,biblioteca:0.3")
     b.add_argument("--stream", action="store_true", help="use the streaming endpoint (true TTFT)")
     b.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer")
+    b.add_argument("--budget", type=float, default=0.0, help="spawned server's budget (s); 0 = default")
     b.add_argument("--duration", type=float, default=0.0, help="seconds; headsets keep asking until then")
     b.add_argument("--identical", action="store_true", help="every headset sends the same request")
     b.add_argument("--no-source-ips", action="store_true", help="all headsets from 127.0.0.1")
@@ -206,6 +207,7 @@ def summarize(outcomes: list[Outcome], wall_s: float, new_tokens: int, generatio
     ok = [o for o in outcomes if o.status == 200 and not o.error]
     e2e = [o.e2e_s for o in ok]
     ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
+    hits = [o.e2e_s for o in ok if o.cache == "hit"]
     by_model: dict[str, int] = {}
     for o in ok:
         by_model[o.llm_model] = by_model.get(o.llm_model, 0) + 1
@@ -225,6 +227,10 @@ def summarize(outcomes: list[Outcome], wall_s: float, new_tokens: int, generatio
         "wall_s": round(wall_s, 2),
         "tok_per_s": round(new_tokens / wall_s, 2) if wall_s > 0 else None,
         "ttft_s": {"p50": _pct(ttft, 50), "p95": _pct(ttft, 95), "p99": _pct(ttft, 99)},
+        "cache_hit_e2e_ms": {
+            q: (None if v is None else round(v * 1000, 2))
+            for q, v in (("p50", _pct(hits, 50)), ("p99", _pct(hits, 99)))
+        },
         "e2e_s": {"p50": _pct(e2e, 50), "p95": _pct(e2e, 95), "p99": _pct(e2e, 99)},
     }
 
@@ -273,6 +279,8 @@ async def _wait_healthy(base: str, proc: subprocess.Popen | None, timeout: float
 
 def _spawn_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     env = dict(os.environ)
+    if args.budget:
+        env["PULMOMED_BUDGET_S"] = str(args.budget)
     env.update(
         PULMOMED_MAX_NEW_TOKENS=str(args.max_tokens),
         PULMOMED_SLOTS=str(args.slots),
@@ -422,6 +430,7 @@ def print_table(report: dict[str, Any]) -> None:
         ("fallback rate", ("fallback_rate",)),
         ("generations", ("generations",)),
         ("cache hits", ("cache_hits",)),
+        ("cache hit p99 ms", ("cache_hit_e2e_ms", "p99")),
         ("tok/s (aggregate)", ("tok_per_s",)),
         ("TTFT p50 s", ("ttft_s", "p50")),
         ("TTFT p95 s", ("ttft_s", "p95")),

@@ -36,7 +36,7 @@ def render_prompts(args: argparse.Namespace, plans: list[list[dict]]) -> list[li
     from .engine.chat import ChatTemplate
     from .engine.runtime import LlamaRuntime, RuntimeConfig
     from .model_store import ModelStore
-    from .prompts import EXPLANATION_LABEL, SYSTEM_PROMPT, PromptPassage, tighten, user_message
+    from .prompts import render_prompt
     from .schema import parse_state
     from .teacher import TeacherConfig, TeacherService
 
@@ -62,16 +62,7 @@ def render_prompts(args: argparse.Namespace, plans: list[list[dict]]) -> list[li
             for body in plan:
                 state = parse_state(body, library.ids)
                 prepared = teacher.prepare(state)
-                numbered = [
-                    PromptPassage(i + 1, p.fuente, tighten(p.texto)) for i, p in enumerate(prepared.passages)
-                ]
-                texts.append(
-                    template.render(
-                        SYSTEM_PROMPT,
-                        user_message(numbered, prepared.state, prepared.case),
-                        EXPLANATION_LABEL,
-                    )
-                )
+                texts.append(render_prompt(template, prepared.state, prepared.case, prepared.passages))
             out.append(texts)
     finally:
         rt.close()

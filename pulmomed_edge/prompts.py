@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 from .canonical import DIET_NAMES, LUNG_STATE_NAMES, CanonicalState, smoking_phrase, treatment_phrase
 from .cases import LibraryCase
 
 SYSTEM_PROMPT = (
-    "Eres un profesor de oncología torácica que explica a estudiantes de medicina un caso simulado "
-    "de cáncer de pulmón no microcítico (CPNM). Escribe en español claro, con frases completas. "
-    "Usa solo los datos del paciente y los hechos de las fuentes numeradas, y cita la fuente así: [1]. "
-    "No inventes cifras. Es una simulación educativa: di lo que considerarían las guías, sin dar "
-    "órdenes clínicas. Tu respuesta tiene dos apartados: «Explicación:», dos o tres frases sobre qué "
-    "le ocurre al tumor y por qué; y «Recomendación:», una o dos frases sobre lo que considerarían "
-    "las guías para este paciente."
+    "Eres un profesor de oncología torácica. Explicas a estudiantes de medicina un caso simulado de "
+    "cáncer de pulmón no microcítico, en español claro y con frases completas. Usa solo los datos "
+    "del paciente y los hechos de las fuentes numeradas, y cita la fuente con su número entre "
+    "corchetes. Es una simulación educativa: di lo que considerarían las guías. Responde en dos "
+    "partes: primero, en dos o tres frases, qué le ocurre al tumor y por qué; después, en una o dos "
+    "frases, qué tratamiento o medida considerarían las guías para este paciente."
 )
 
 EXPLANATION_LABEL = "Explicación:"
@@ -33,16 +33,15 @@ ANSWER_GRAMMAR = r"""
 root ::= " " line "\n" "Recomendación:" " " line
 line ::= first rest*
 first ::= [A-ZÁÉÍÓÚÑ¿a-záéíóúñ0-9(\[]
-rest ::= [^\n\r#*]
+rest ::= [^\n\r#*«»"]
 """
 
-PASSAGE_WORDS = 45
+PASSAGE_WORDS = 40
 
 
 @dataclass(frozen=True)
 class PromptPassage:
     number: int
-    fuente: str
     texto: str
 
 
@@ -61,29 +60,47 @@ def tighten(text: str, max_words: int = PASSAGE_WORDS) -> str:
 
 
 def user_message(passages: list[PromptPassage], state: CanonicalState, case: LibraryCase | None) -> str:
+    """Passages first (shared by many students), then the case, then this student's state."""
     parts: list[str] = []
     if passages:
         parts.append("Fuentes:")
-        parts.extend(f"[{p.number}] ({p.fuente}) {p.texto}" for p in passages)
+        # sources are cited by number only: their names go to `fuentes`, not into the prompt
+        parts.extend(f"[{p.number}] {p.texto}" for p in passages)
     else:
         parts.append("Fuentes: ninguna relevante en la base de conocimiento.")
     if case is not None:
-        parts.append("")
-        parts.append(f"Caso de biblioteca: {case.titulo}. {case.descripcion}")
+        # the case's facts arrive as its retrieved passage; here only what to teach
+        parts.append(f"Caso de biblioteca: {case.titulo}.")
         parts.append("Objetivos de aprendizaje: " + "; ".join(case.objetivos_aprendizaje))
-    parts.append("")
-    parts.append("Paciente simulado:")
-    parts.append(f"- Edad: {state.age_band} años")
-    parts.append(f"- Tabaco: {smoking_phrase(state)}")
-    parts.append(f"- Estadio aproximado por volumen tumoral: {state.stage}")
-    parts.append(f"- Fracción de células resistentes: {state.resistant_band}")
-    parts.append(f"- Tratamiento: {treatment_phrase(state)}")
-    parts.append(f"- Dieta: {DIET_NAMES[state.diet]}")
+    patient = [
+        f"{state.age_band} años",
+        smoking_phrase(state),
+        f"estadio aproximado {state.stage}",
+        f"células resistentes {state.resistant_band}",
+        treatment_phrase(state),
+        f"dieta {DIET_NAMES[state.diet]}",
+    ]
     if state.lung_state:
-        parts.append(f"- Estado pulmonar: {LUNG_STATE_NAMES[state.lung_state]}")
-    parts.append("")
-    parts.append("Escribe ahora la explicación y la recomendación para este paciente.")
+        patient.append(f"estado pulmonar {LUNG_STATE_NAMES[state.lung_state]}")
+    parts.append("Paciente: " + "; ".join(patient) + ".")
+    parts.append("Explica qué le ocurre al tumor y qué considerarían las guías según las fuentes.")
     return "\n".join(parts)
+
+
+class ChatRenderer(Protocol):
+    def render(self, system: str, user: str, assistant_prefix: str = "") -> str: ...
+
+
+class HasText(Protocol):
+    texto: str
+
+
+def render_prompt(
+    template: ChatRenderer, state: CanonicalState, case: LibraryCase | None, passages: list[HasText]
+) -> str:
+    """The whole prompt text, ending where the model starts writing the explanation."""
+    numbered = [PromptPassage(i + 1, tighten(p.texto)) for i, p in enumerate(passages)]
+    return template.render(SYSTEM_PROMPT, user_message(numbered, state, case), EXPLANATION_LABEL)
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,7 @@ class Sections:
 
 def split_sections(generated: str) -> Sections | None:
     """The two sections of a generated answer (text after the 'Explicación:' prompt prefix)."""
-    head, sep, tail = generated.partition(RECOMMENDATION_LABEL)
+    head, sep, tail = generated.partition("\n" + RECOMMENDATION_LABEL)
     if not sep:
         return None
     explicacion = complete_sentences(head.strip())

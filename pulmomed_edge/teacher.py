@@ -32,15 +32,12 @@ from .engine.chat import ChatTemplate
 from .extractive import extractive_sections
 from .prompts import (
     ANSWER_GRAMMAR,
-    EXPLANATION_LABEL,
     SECTION_MARKER,
     SYSTEM_PROMPT,
-    PromptPassage,
     Sections,
     SectionTracker,
+    render_prompt,
     split_sections,
-    tighten,
-    user_message,
 )
 from .schema import SimulationState, TeacherResponse
 
@@ -152,24 +149,22 @@ class TeacherService:
         case = self.library.get(canon.case_id)
         passages = self.retrieve(canon, case)
         llm = self.llm
+        prompt = None
+        if llm is not None:
+            passages, prompt = self._fit_prompt(canon, case, passages)
         key = cache_key(canon, [p.id for p in passages], llm.sha256 if llm else "-", self.index_id)
-        prompt = self._prompt_tokens(canon, case, passages) if llm else None
         return Prepared(canon, case, passages, key, prompt)
 
-    def _prompt_tokens(
+    def _fit_prompt(
         self, canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]
-    ) -> list[int]:
+    ) -> tuple[list[PassageLike], list[int]]:
+        """The prompt's tokens, dropping the least important passages until it fits."""
         assert self.llm is not None
-        numbered = [PromptPassage(i + 1, p.fuente, tighten(p.texto)) for i, p in enumerate(passages)]
-        text = self.llm.template.render(SYSTEM_PROMPT, user_message(numbered, canon, case), EXPLANATION_LABEL)
-        tokens = self.llm.tokenize(text)
-        while len(tokens) > self.config.max_prompt_tokens and numbered:
-            numbered = numbered[:-1]  # drop the least important passage rather than truncate
-            text = self.llm.template.render(
-                SYSTEM_PROMPT, user_message(numbered, canon, case), EXPLANATION_LABEL
-            )
-            tokens = self.llm.tokenize(text)
-        return tokens
+        while True:
+            tokens = self.llm.tokenize(render_prompt(self.llm.template, canon, case, passages))
+            if len(tokens) <= self.config.max_prompt_tokens or not passages:
+                return passages, tokens
+            passages = passages[:-1]
 
     def warm_prefix(self) -> list[int]:
         """The tokens every prompt starts with (system part): evaluated once by the engine."""
@@ -336,7 +331,8 @@ def _fits(passage: PassageLike, case: LibraryCase | None) -> bool:
 
 def answer_budget(max_new_tokens: int, crowd: int, slots: int) -> dict[str, Any]:
     """Token budgets for the two sections; under load answers get shorter, never cut."""
-    scale = 1.0 if crowd < slots else max(0.5, slots / (crowd + 1))
+    half = max(1, slots // 2)
+    scale = 1.0 if crowd <= half else max(0.5, half / crowd)
     total = max(48, int(max_new_tokens * scale))
     expl = total * 3 // 5
     rec = total - expl
