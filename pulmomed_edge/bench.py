@@ -26,7 +26,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .config import Settings
+
 API = "/api/v1/consultar_profesor"
+# the student-style questions the retrieval speed is measured on (shipped with the package)
+EVAL_QUERIES = Path(__file__).resolve().parent / "knowledge" / "eval_queries.jsonl"
 SENTENCE_END = (".", "!", "?", ".)", ".]")
 
 
@@ -51,6 +55,7 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument("--no-source-ips", action="store_true", help="all headsets from 127.0.0.1")
     b.add_argument("--baseline", action="store_true", help="also run llama_cpp.server on the same prompts")
     b.add_argument("--ceiling", action="store_true", help="also measure raw batched decode")
+    b.add_argument("--retrieval", action="store_true", help="only retrieval speed + index build")
     b.add_argument("--seed", type=int, default=1)
     b.add_argument("--json", type=Path, default=None, help="write the results here")
     b.set_defaults(func=run)
@@ -186,7 +191,10 @@ async def _headset(
         k = 0
         while True:
             if args.think > 0:
-                await asyncio.sleep(rng.expovariate(1.0 / args.think))
+                pause = rng.expovariate(1.0 / args.think)
+                if args.duration:  # never think past the end of the run
+                    pause = min(pause, max(0.0, t_end - time.perf_counter()))
+                await asyncio.sleep(pause)
             if args.duration and time.perf_counter() >= t_end:
                 break
             out.append(await _ask(session, base, plan[k % len(plan)], args.stream, i))
@@ -343,6 +351,8 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
         eng_a.get("generations", 0) - eng_b.get("generations", 0),
     )
     summary["server_rss_mb"] = round(rss / 2**20, 1) if rss else None
+    for counter in ("prompt_tokens", "reused_tokens", "decode_steps"):
+        summary[counter] = eng_a.get(counter, 0) - eng_b.get(counter, 0)
     summary["model"] = after["components"]["llm"].get("model")
     return summary
 
@@ -352,7 +362,46 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args))
 
 
+def bench_retrieval() -> dict[str, Any]:
+    """Embedding one query, search end to end (p50/p95 ms), and a full index build (s)."""
+    import tempfile
+
+    from .cli import _encoder
+    from .config import CORPUS_DIR
+    from .corpus import load_corpus
+    from .index import KnowledgeIndex
+    from .lexical import LexicalIndex
+    from .retrieval import Retriever, measure_speed
+
+    settings = Settings.from_env()
+    encoder, sha = _encoder(settings)
+    try:
+        passages = load_corpus(CORPUS_DIR)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            index = KnowledgeIndex.build(
+                passages, encoder, Path(tmp) / "index", encoder_sha256=sha, progress=False
+            )
+            build_s = time.perf_counter() - started
+            retriever = Retriever(index, encoder, LexicalIndex(index.passages))
+            queries = [
+                json.loads(line)["query"] for line in EVAL_QUERIES.read_text(encoding="utf-8").splitlines()
+            ]
+            speed = measure_speed(retriever, queries, rounds=5)
+            index.close()
+    finally:
+        encoder.close()
+    return {"passages": len(passages), "index_build_s": round(build_s, 1), **speed}
+
+
 async def _run(args: argparse.Namespace) -> int:
+    if args.retrieval:
+        report = {"machine": machine_info(), "retrieval": await asyncio.to_thread(bench_retrieval)}
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+        return 0
     proc = None
     if args.url and not args.spawn:
         base = _check_loopback(args.url)

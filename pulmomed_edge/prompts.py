@@ -36,7 +36,7 @@ first ::= [A-ZÁÉÍÓÚÑ¿a-záéíóúñ0-9(\[]
 rest ::= [^\n\r#*«»"]
 """
 
-PASSAGE_WORDS = 40
+PASSAGE_WORDS = 32
 
 
 @dataclass(frozen=True)

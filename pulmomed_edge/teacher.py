@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,6 +45,9 @@ from .prompts import (
 from .schema import SimulationState, TeacherResponse
 
 log = logging.getLogger(__name__)
+
+PREPARED_MEMO_SIZE = 512
+MIN_ANSWER_TOKENS = 48  # admitted answers shrink to fit the budget, never below this
 
 
 class PassageLike(Protocol):
@@ -105,6 +111,10 @@ class TeacherConfig:
     max_new_tokens: int = 200
     top_k_passages: int = 3
     max_prompt_tokens: int = 768
+    # a request whose first token is not expected within this share of the budget, or that could
+    # not write a minimal answer in time, gets the grounded fallback at once ("fallback-busy")
+    # instead of timing out later; inf turns admission off
+    admit_share: float = 0.5
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -128,6 +138,9 @@ class TeacherService:
         self.llm = llm
         self.llm_failure = llm_failure
         self._flights: dict[str, Flight] = {}
+        # canonical state → its retrieval and prompt: the same buckets always give the same ones
+        self._memo: OrderedDict[str, Prepared] = OrderedDict()
+        self._memo_lock = threading.Lock()
 
     # --- preparation (worker thread) -------------------------------------------------------
     def retrieve(self, state: CanonicalState, case: LibraryCase | None) -> list[PassageLike]:
@@ -144,8 +157,26 @@ class TeacherService:
                     break
         return chosen
 
+    def prepared_if_known(self, state: SimulationState) -> Prepared | None:
+        """A state whose buckets were prepared before needs no retrieval or tokenising again."""
+        material = canonicalize(state).key_material()
+        with self._memo_lock:
+            prepared = self._memo.get(material)
+            if prepared is not None:
+                self._memo.move_to_end(material)
+            return prepared
+
     def prepare(self, state: SimulationState) -> Prepared:
+        """Retrieve, fit the prompt and derive the cache key (worker thread; memoised)."""
         canon = canonicalize(state)
+        prepared = self._prepare(canon)
+        with self._memo_lock:
+            self._memo[canon.key_material()] = prepared
+            while len(self._memo) > PREPARED_MEMO_SIZE:
+                self._memo.popitem(last=False)
+        return prepared
+
+    def _prepare(self, canon: CanonicalState) -> Prepared:
         case = self.library.get(canon.case_id)
         passages = self.retrieve(canon, case)
         llm = self.llm
@@ -189,7 +220,7 @@ class TeacherService:
     async def stream(self, state: SimulationState) -> AsyncIterator[tuple[str, Any]]:
         """Events: ("meta", dict), ("delta", {"seccion", "texto"})…, ("done", TeacherResponse)."""
         started = time.perf_counter()
-        prepared = await asyncio.to_thread(self.prepare, state)
+        prepared = self.prepared_if_known(state) or await asyncio.to_thread(self.prepare, state)
         model_name = self.llm.name if self.llm else "fallback-unavailable"
         meta = {
             "estadio": prepared.state.stage,
@@ -261,15 +292,22 @@ class TeacherService:
             return self._fallback(prepared, "fallback-no-grounding")
         loop = asyncio.get_running_loop()
         engine = llm.engine
-        if engine.estimated_wait_s() >= self.config.budget_s:
-            return self._fallback(prepared, "fallback-busy")  # it could not even start in time
+        first_token_s, per_token_s = engine.estimate(len(prepared.prompt))
+        # as many tokens as fit in what is left of the budget, never more than configured
+        affordable = int((0.85 * self.config.budget_s - first_token_s) / max(per_token_s, 1e-3))
+        late = first_token_s > self.config.admit_share * self.config.budget_s
+        short = math.isfinite(self.config.admit_share) and affordable < MIN_ANSWER_TOKENS
+        # an idle engine always takes the request: estimates from a busy spell must not lock it out
+        if not engine.idle and (late or short):
+            return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
+        max_new = max(MIN_ANSWER_TOKENS, min(self.config.max_new_tokens, affordable))
         events: asyncio.Queue[Any] = asyncio.Queue()
         task = GenerationTask(
             prompt=prepared.prompt,
             sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
             grammar=ANSWER_GRAMMAR,
             params=self.config.sampling,
-            **answer_budget(self.config.max_new_tokens, *engine.load()),
+            **answer_budget(max_new),
         )
         flight.cancel = task.cancel.set
         try:
@@ -329,15 +367,12 @@ def _fits(passage: PassageLike, case: LibraryCase | None) -> bool:
     return case is not None and case.caso_id in passage.texto
 
 
-def answer_budget(max_new_tokens: int, crowd: int, slots: int) -> dict[str, Any]:
-    """Token budgets for the two sections; under load answers get shorter, never cut."""
-    half = max(1, slots // 2)
-    scale = 1.0 if crowd <= half else max(0.5, half / crowd)
-    total = max(48, int(max_new_tokens * scale))
-    expl = total * 3 // 5
-    rec = total - expl
+def answer_budget(max_new_tokens: int) -> dict[str, Any]:
+    """Token budgets for the two sections (3:2); each ends at a sentence, never mid-way."""
+    expl = max_new_tokens * 3 // 5
+    rec = max_new_tokens - expl
     return {
-        "max_new_tokens": total + 40,
+        "max_new_tokens": max_new_tokens + 40,
         "phases": (
             Phase(expl, expl + 25, marker=SECTION_MARKER, transition=SECTION_MARKER),
             Phase(rec, rec + 15),

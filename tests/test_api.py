@@ -178,7 +178,7 @@ async def test_fallback_timeout_answers_from_passages_and_frees_the_slot(served)
 
     teacher = served.state.teacher
     original = teacher.config
-    teacher.config = replace(original, budget_s=0.05)
+    teacher.config = replace(original, budget_s=0.05, admit_share=float("inf"))  # admit, then time out
     try:
         status, body = await post(served, {"age": 81, "pack_years": 70, "sensitive_tumor_volume": 90.0})
     finally:

@@ -126,7 +126,7 @@ class GenerationEngine:
         *,
         slots: int,
         queue_size: int = 32,
-        prefill_chunk: int = 64,
+        prefill_chunk: int = 32,
         max_context_per_slot: int | None = None,
     ) -> None:
         self.rt = runtime
@@ -145,7 +145,10 @@ class GenerationEngine:
         self._warm_prefix: list[int] = []
         self._period_tokens = sorted({t for t in (runtime.tokenize(".", special=False)[-1:]) if t >= 0})
         self.failure: str | None = None
-        self._task_seconds = 0.0  # moving average of one task's service time (admission)
+        # measured speeds for admission: prompt tokens/s, and seconds per decode-only step
+        self.prefill_rate = 80.0
+        self.decode_step_s = 0.05  # decode-only steps
+        self.token_interval_s = 0.05  # any step that decodes: what a streaming student waits per token
         self.counters = {
             "generations": 0,
             "completed": 0,
@@ -183,22 +186,26 @@ class GenerationEngine:
         active = sum(1 for s in self.slots if s.busy)
         return {**self.counters, "queued": queued, "active": active, "slots": len(self.slots)}
 
-    def load(self) -> tuple[int, int]:
-        """(tasks running or waiting, slots): how crowded the engine is right now."""
+    def backlog_tokens(self) -> int:
+        """Prompt tokens still to evaluate: queued tasks (beyond the shared prefix) and slots."""
+        with self._cv:
+            queued = sum(max(0, len(t.prompt) - len(self._warm_prefix)) for t in self._queue)
+        return queued + sum(len(s.pending) for s in self.slots if s.busy and s.new_tokens == 0)
+
+    @property
+    def idle(self) -> bool:
         with self._cv:
             queued = len(self._queue)
-        return queued + sum(1 for s in self.slots if s.busy), len(self.slots)
+        return queued == 0 and not any(s.busy for s in self.slots)
 
-    def estimated_wait_s(self) -> float:
-        """Roughly how long a task submitted now waits before it gets a slot."""
-        with self._cv:
-            queued = len(self._queue)
-        if any(not s.busy for s in self.slots) and queued == 0:
-            return 0.0
-        return (queued / len(self.slots) + 1.0) * self._task_seconds
-
-    def expected_service_s(self) -> float:
-        return self._task_seconds
+    def estimate(self, prompt_tokens: int) -> tuple[float, float]:
+        """(seconds until a new task's first token, seconds per token it then decodes)."""
+        unique = max(0, prompt_tokens - len(self._warm_prefix))
+        first_token = (self.backlog_tokens() + unique) / max(1.0, self.prefill_rate)
+        busy = sum(1 for s in self.slots if s.busy)
+        # one more sequence makes every step a little longer; recent steps include prompt chunks
+        per_token = max(self.token_interval_s, self.decode_step_s) * (1 + 1 / (busy + 1))
+        return first_token, per_token
 
     @property
     def running(self) -> bool:
@@ -336,7 +343,9 @@ class GenerationEngine:
             owners.append((slot, len(entries), n))
             for i in range(n):
                 entries.append((slot.pending[i], base + i, slot.seq, i == n - 1 and n == len(slot.pending)))
+        started = time.monotonic()
         rc = self.rt.decode(entries)
+        self._measure(time.monotonic() - started, len(decoding), len(entries) - len(decoding))
         self.counters["decode_steps"] += 1
         if rc != 0:
             log.error("llama_decode returned %s for %d tokens", rc, len(entries))
@@ -348,6 +357,16 @@ class GenerationEngine:
             del slot.pending[:n]
             if not slot.pending:
                 self._sample(slot, first + n - 1)
+
+    def _measure(self, seconds: float, decode_tokens: int, prompt_tokens: int) -> None:
+        """Moving averages of decode-step time and prompt throughput, for admission."""
+        if decode_tokens:
+            self.token_interval_s = 0.9 * self.token_interval_s + 0.1 * seconds
+        if prompt_tokens == 0 and decode_tokens:
+            self.decode_step_s = 0.9 * self.decode_step_s + 0.1 * seconds
+        elif prompt_tokens >= 16:
+            spent = max(1e-3, seconds - (self.decode_step_s if decode_tokens else 0.0))
+            self.prefill_rate = 0.9 * self.prefill_rate + 0.1 * (prompt_tokens / spent)
 
     def _sample(self, slot: _Slot, batch_index: int) -> None:
         task = slot.task
@@ -435,11 +454,6 @@ class GenerationEngine:
             self._emit_text(slot, slot.stream.flush())
         now = time.monotonic()
         self.counters["cancelled" if finish == "cancelled" else "completed"] += 1
-        if finish != "cancelled":
-            served = now - slot.started
-            self._task_seconds = (
-                served if self._task_seconds == 0 else 0.8 * self._task_seconds + 0.2 * served
-            )
         event = DoneEvent(
             text=slot.text,
             finish=finish,

@@ -1,0 +1,87 @@
+"""GET /api/v1/search and the search/eval commands: the teacher's ranking, for people."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+
+async def search(served, **params):
+    async with served.session.get(served.url("/api/v1/search"), params=params) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_search_returns_full_passages_with_sources(served):
+    status, body = await search(served, q="Tratamiento de primera línea con mutación EGFR", k="3")
+    assert status == 200
+    assert body["query"] == "Tratamiento de primera línea con mutación EGFR"
+    assert len(body["results"]) == 3
+    first = body["results"][0]
+    assert {"id", "titulo", "fuente", "texto", "score"} <= first.keys()
+    by_id = {p.id: p for p in served.state.retriever.index.passages}
+    assert first["texto"] == by_id[first["id"]].texto
+    assert any("osimertinib" in r["texto"].lower() for r in body["results"])
+
+
+async def test_search_ranking_is_the_teachers(served):
+    _, body = await search(served, q="toxicidad de la radioterapia torácica", k="5")
+    hits = served.state.retriever.search("toxicidad de la radioterapia torácica", 5)
+    assert [r["id"] for r in body["results"]] == [h.passage.id for h in hits]
+
+
+@pytest.mark.parametrize(
+    ("params", "campo"),
+    [
+        ({}, "q"),
+        ({"q": "  "}, "q"),
+        ({"q": "x" * 501}, "q"),
+        ({"q": "ecog", "k": "0"}, "k"),
+        ({"q": "ecog", "k": "21"}, "k"),
+        ({"q": "ecog", "k": "tres"}, "k"),
+    ],
+)
+async def test_bad_search_parameter_is_422_naming_it(served, params, campo):
+    status, body = await search(served, **params)
+    assert status == 422
+    assert [d["campo"] for d in body["detalles"]] == [campo]
+
+
+def _cli(settings, *args: str) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ, PULMOMED_MODELS_DIR=str(settings.models_dir), PULMOMED_INDEX_DIR=str(settings.index_dir)
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "pulmomed_edge", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_search_prints_the_ranking(settings):
+    proc = _cli(settings, "search", "Escala ECOG y estado funcional", "-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln[:2] in ("1.", "2.")]
+    assert len(lines) == 2 and "ECOG" in proc.stdout
+
+
+def test_cli_eval_retrieval_prints_hit_rates(settings):
+    proc = _cli(settings, "eval", "retrieval", str(DATA / "retrieval_eval.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert {"hit@1", "hit@3", "hit@5", "mrr"} <= result.keys()
+    assert result["hit@3"] == 1.0
+
+
+def test_cli_reports_a_broken_index_with_its_fix(settings, tmp_path):
+    env_dir = tmp_path / "missing-index"
+    env = dict(os.environ, PULMOMED_MODELS_DIR=str(settings.models_dir), PULMOMED_INDEX_DIR=str(env_dir))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pulmomed_edge", "search", "ecog"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert "pulmomed-edge index build" in proc.stderr
