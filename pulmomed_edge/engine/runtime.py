@@ -42,7 +42,7 @@ def _quiet_llama_logs(llama_cpp: object) -> None:
 
     @llama_cpp.llama_log_callback  # type: ignore[attr-defined, misc]
     def _sink(level: int, text: bytes, user_data: object) -> None:
-        if level >= 3:  # warnings and errors still reach our log (ggml: 1 debug, 2 info)
+        if level in (3, 4):  # warnings and errors reach our log (ggml: 1 debug, 2 info, 5 cont.)
             log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
     _quiet_llama_logs.sink = _sink  # type: ignore[attr-defined]  # keep the callback alive

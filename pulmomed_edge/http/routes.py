@@ -33,7 +33,8 @@ def add_routes(app: web.Application) -> None:
 
 
 # --- the teacher ---------------------------------------------------------------------------
-def _not_ready(state: ServerState, request: web.Request) -> web.Response | None:
+def _refusal(state: ServerState, request: web.Request) -> web.Response | None:
+    """429 over the headset's rate, 503 while starting or without a knowledge index."""
     wait = state.rate_limiter.check(request.remote or "?")
     if wait > 0:
         return json_error(
@@ -78,26 +79,31 @@ async def _read_state(request: web.Request, state: ServerState) -> SimulationSta
     return parse_state(data, state.library.ids)
 
 
-async def consultar_profesor(request: web.Request) -> web.Response:
+async def _accept(request: web.Request) -> SimulationState | web.Response:
+    """The validated state of a teacher request, or the response that refuses it."""
     state = request.app[STATE]
-    if (busy := _not_ready(state, request)) is not None:
-        return busy
+    if (refusal := _refusal(state, request)) is not None:
+        return refusal
     try:
-        sim = await _read_state(request, state)
+        return await _read_state(request, state)
     except InvalidRequest as exc:
         return web.json_response(exc.body(), status=422, dumps=dumps)
+
+
+async def consultar_profesor(request: web.Request) -> web.Response:
+    sim = await _accept(request)
+    if isinstance(sim, web.Response):
+        return sim
+    state = request.app[STATE]
     answer = await state.teacher.answer(sim)
     return web.json_response(answer.model_dump(), dumps=dumps)
 
 
 async def consultar_profesor_stream(request: web.Request) -> web.StreamResponse:
+    sim = await _accept(request)
+    if isinstance(sim, web.Response):
+        return sim
     state = request.app[STATE]
-    if (busy := _not_ready(state, request)) is not None:
-        return busy
-    try:
-        sim = await _read_state(request, state)
-    except InvalidRequest as exc:
-        return web.json_response(exc.body(), status=422, dumps=dumps)
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
