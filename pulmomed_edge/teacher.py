@@ -276,10 +276,10 @@ class TeacherService:
             flight.result.set_result(response)
             if not response.llm_model.startswith("fallback-"):
                 self.cache.put(flight.prepared.key, response)
-        except Exception as exc:  # never leave joiners hanging
+        except Exception:  # never leave joiners hanging
             log.exception("generation flight failed")
-            flight.result.set_result(self._fallback(flight.prepared, "fallback-error"))
-            del exc
+            if not flight.result.done():
+                flight.result.set_result(self._fallback(flight.prepared, "fallback-error"))
         finally:
             self._flights.pop(flight.prepared.key, None)
 
