@@ -114,13 +114,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 async def load_components(state: ServerState) -> None:
     """Load embeddings → index → LLM; each failure is recorded, never raised."""
     from .model_store import ModelStore
+    from .retrieval import open_encoder, open_retriever
 
     settings = state.settings
     store = ModelStore(settings.models_dir, manifest_path())
     retriever = None
     index_id = ""
     try:
-        encoder, encoder_sha = await asyncio.to_thread(_open_encoder, store, settings)
+        encoder, encoder_sha = await asyncio.to_thread(open_encoder, store, test=settings.test_models)
         state.closers.append(encoder.close)
         state.components["embeddings"].status = "ready"
         state.components["embeddings"].detail = {
@@ -134,7 +135,8 @@ async def load_components(state: ServerState) -> None:
         state.components["index"].fail(RuntimeError("needs the embedding model"))
     else:
         try:
-            retriever, index = await asyncio.to_thread(_open_index, settings, encoder, encoder_sha)
+            retriever = await asyncio.to_thread(open_retriever, settings.index_dir, encoder, encoder_sha)
+            index = retriever.index
             state.closers.append(index.close)
             state.retriever = retriever
             index_id = index.index_id
@@ -172,24 +174,6 @@ async def load_components(state: ServerState) -> None:
     elif llm is not None:
         llm.engine.start()
     log.info("PulmoMed Edge: %s", state.status)
-
-
-def _open_encoder(store: Any, settings: Settings) -> tuple[Any, str]:
-    from .embeddings import EmbeddingEncoder
-
-    onnx = store.verify(store.default_name("embeddings", test=settings.test_models))
-    tokenizer = store.verify(store.default_name("tokenizer", test=settings.test_models))
-    sha = store.entry(store.default_name("embeddings", test=settings.test_models)).sha256
-    return EmbeddingEncoder(onnx, tokenizer, threads=1), sha
-
-
-def _open_index(settings: Settings, encoder: Any, encoder_sha: str) -> tuple[Any, Any]:
-    from .index import KnowledgeIndex
-    from .lexical import LexicalIndex
-    from .retrieval import Retriever
-
-    index = KnowledgeIndex.load(settings.index_dir, encoder_sha256=encoder_sha, dim=encoder.dim)
-    return Retriever(index, encoder, LexicalIndex(index.passages)), index
 
 
 def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:

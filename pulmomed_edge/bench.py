@@ -366,15 +366,16 @@ def bench_retrieval() -> dict[str, Any]:
     """Embedding one query, search end to end (p50/p95 ms), and a full index build (s)."""
     import tempfile
 
-    from .cli import _encoder
-    from .config import CORPUS_DIR
+    from .config import CORPUS_DIR, manifest_path
     from .corpus import load_corpus
     from .index import KnowledgeIndex
     from .lexical import LexicalIndex
-    from .retrieval import Retriever, measure_speed
+    from .model_store import ModelStore
+    from .retrieval import Retriever, measure_speed, open_encoder
 
     settings = Settings.from_env()
-    encoder, sha = _encoder(settings)
+    store = ModelStore(settings.models_dir, manifest_path())
+    encoder, sha = open_encoder(store, threads=settings.effective_threads)
     try:
         passages = load_corpus(CORPUS_DIR)
         with tempfile.TemporaryDirectory() as tmp:

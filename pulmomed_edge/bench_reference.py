@@ -31,19 +31,20 @@ def _model_path(args: argparse.Namespace) -> tuple[str, Any]:
 
 def render_prompts(args: argparse.Namespace, plans: list[list[dict]]) -> list[list[str]]:
     """The exact prompt text our teacher would send to the model for each planned state."""
-    from .app import _open_encoder, _open_index
     from .cases import CaseLibrary
     from .engine.chat import ChatTemplate
     from .engine.runtime import LlamaRuntime, RuntimeConfig
     from .model_store import ModelStore
     from .prompts import render_prompt
+    from .retrieval import open_encoder, open_retriever
     from .schema import parse_state
     from .teacher import TeacherConfig, TeacherService
 
     settings = Settings.from_env()
     store = ModelStore(settings.models_dir, manifest_path())
-    encoder, sha = _open_encoder(store, settings)
-    retriever, index = _open_index(settings, encoder, sha)
+    encoder, sha = open_encoder(store, test=settings.test_models)
+    retriever = open_retriever(settings.index_dir, encoder, sha)
+    index = retriever.index
     _, path = _model_path(args)
     rt = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=256, n_seq=1, n_threads=1))
     template = ChatTemplate.from_runtime(rt)

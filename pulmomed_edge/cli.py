@@ -175,13 +175,9 @@ def _models_list(args: argparse.Namespace) -> int:
 
 # --- index, search, eval -------------------------------------------------------------------
 def _encoder(settings: Settings):
-    from .embeddings import EmbeddingEncoder
+    from .retrieval import open_encoder
 
-    store = _store(settings)
-    onnx_name = store.default_name("embeddings")
-    onnx = store.verify(onnx_name)
-    tok = store.verify(store.default_name("tokenizer"))
-    return EmbeddingEncoder(onnx, tok, threads=settings.effective_threads), store.entry(onnx_name).sha256
+    return open_encoder(_store(settings), threads=settings.effective_threads)
 
 
 def _index_build(args: argparse.Namespace) -> int:
@@ -206,13 +202,9 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def _open_retriever(settings: Settings):
-    from .index import KnowledgeIndex
-    from .lexical import LexicalIndex
-    from .retrieval import Retriever
+    from .retrieval import open_retriever
 
-    encoder, sha = _encoder(settings)
-    index = KnowledgeIndex.load(settings.index_dir, encoder_sha256=sha, dim=encoder.dim)
-    return Retriever(index, encoder, LexicalIndex(index.passages))
+    return open_retriever(settings.index_dir, *_encoder(settings))
 
 
 def _search(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pulmomed_edge.embeddings import EmbeddingEncoder
     from pulmomed_edge.index import KnowledgeIndex
     from pulmomed_edge.lexical import LexicalIndex
+    from pulmomed_edge.model_store import ModelStore
 
 Mode = Literal["fused", "dense", "lexical"]
 RRF_K = 60
@@ -178,3 +179,22 @@ def measure_speed(retriever: Retriever, queries: Sequence[str], *, rounds: int =
             retriever.search(query, k=k)
             search_ms.append((time.perf_counter() - start) * 1000)
     return {"encode_ms": _percentiles(encode_ms), "search_ms": _percentiles(search_ms), "n": len(search_ms)}
+
+
+def open_encoder(store: ModelStore, *, test: bool = False, threads: int = 1) -> tuple[EmbeddingEncoder, str]:
+    """The verified MiniLM encoder of a model set, and its sha256 (what an index is tied to)."""
+    from pulmomed_edge.embeddings import EmbeddingEncoder
+
+    name = store.default_name("embeddings", test=test)
+    onnx = store.verify(name)
+    tokenizer = store.verify(store.default_name("tokenizer", test=test))
+    return EmbeddingEncoder(onnx, tokenizer, threads=threads), store.entry(name).sha256
+
+
+def open_retriever(index_dir: str | Path, encoder: EmbeddingEncoder, encoder_sha256: str) -> Retriever:
+    """A built index, checked against this encoder, with the lexical ranking beside it."""
+    from pulmomed_edge.index import KnowledgeIndex
+    from pulmomed_edge.lexical import LexicalIndex
+
+    index = KnowledgeIndex.load(index_dir, encoder_sha256=encoder_sha256, dim=encoder.dim)
+    return Retriever(index, encoder, LexicalIndex(index.passages))

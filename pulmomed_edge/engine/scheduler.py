@@ -207,10 +207,6 @@ class GenerationEngine:
         per_token = max(self.token_interval_s, self.decode_step_s) * (1 + 1 / (busy + 1))
         return first_token, per_token
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._stopping = True
