@@ -137,23 +137,32 @@ def treatment_phrase(c: CanonicalState) -> str:
     return f"{TREATMENT_NAMES[c.treatment]} ({c.treatment_days_band})"
 
 
-def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
-    """Spanish queries, one per aspect of the state, most important first."""
+RESISTANCE_QUERY = "volumen resistente: selección clonal y resistencia adquirida al tratamiento"
+SMOKING_QUERIES = {
+    "fumador": "beneficios de dejar de fumar tras el diagnóstico de cáncer de pulmón",
+    "exfumador": "exfumador: paquetes-año, riesgo y cribado con TC de baja dosis",
+    "nunca": "cáncer de pulmón en nunca fumadores: adenocarcinoma y mutaciones EGFR o ALK",
+}
+
+# The order passages are shown in the prompt: the aspects most students share first, so that
+# prompts share long cached prefixes (nearly every student has resistant cells; five stages; then
+# treatments within a stage). Importance, which decides what is retrieved, is the query order.
+PROMPT_ORDER = ("caso", "resistencia", "tabaco", "estadio", "tratamiento")
+
+
+def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[tuple[str, str]]:
+    """(aspect, Spanish query) pairs, one per aspect of the state, most important first."""
     stage_roman = c.stage.split(" ")[0].rstrip("+")
-    queries: list[str] = []
+    queries: list[tuple[str, str]] = []
     if case is not None:
-        queries.append(f"caso de biblioteca {case.caso_id} {case.titulo}")
-    queries.append(f"estadio {stage_roman} del cáncer de pulmón no microcítico: qué significa y tratamiento")
+        queries.append(("caso", f"caso de biblioteca {case.caso_id} {case.titulo}"))
+    stage_query = f"estadio {stage_roman} del cáncer de pulmón no microcítico: qué significa y tratamiento"
+    queries.append(("estadio", stage_query))
     if c.treatment != "ninguno":
-        queries.append(TREATMENT_QUERIES[c.treatment])
+        queries.append(("tratamiento", TREATMENT_QUERIES[c.treatment]))
     if c.resistant_band != "0 %":
-        queries.append("volumen resistente: selección clonal y resistencia adquirida al tratamiento")
-    if c.smoking == "fumador":
-        queries.append("beneficios de dejar de fumar tras el diagnóstico de cáncer de pulmón")
-    elif c.smoking == "exfumador":
-        queries.append("exfumador: paquetes-año, riesgo y cribado con TC de baja dosis")
-    else:
-        queries.append("cáncer de pulmón en nunca fumadores: adenocarcinoma y mutaciones EGFR o ALK")
+        queries.append(("resistencia", RESISTANCE_QUERY))
+    queries.append(("tabaco", SMOKING_QUERIES[c.smoking]))
     return queries
 
 

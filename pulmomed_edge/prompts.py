@@ -37,6 +37,7 @@ rest ::= [^\n\r#*«»"]
 """
 
 PASSAGE_WORDS = 32
+CASE_GOALS = 1  # a library case's main teaching goal goes into the prompt
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,11 @@ def tighten(text: str, max_words: int = PASSAGE_WORDS) -> str:
 
 
 def user_message(passages: list[PromptPassage], state: CanonicalState, case: LibraryCase | None) -> str:
-    """Passages first (shared by many students), then the case, then this student's state."""
+    """Shared-first: passages (ordered by aspect, so students in the same stage and treatment share
+    the leading ones), then the case's teaching goals, then this student's state, most shared first.
+
+    Every token after the first difference from a cached prompt is evaluated again for this
+    student, so nothing constant goes last: the instruction lives in the system prompt."""
     parts: list[str] = []
     if passages:
         parts.append("Fuentes:")
@@ -70,20 +75,20 @@ def user_message(passages: list[PromptPassage], state: CanonicalState, case: Lib
         parts.append("Fuentes: ninguna relevante en la base de conocimiento.")
     if case is not None:
         # the case's facts arrive as its retrieved passage; here only what to teach
-        parts.append(f"Caso de biblioteca: {case.titulo}.")
-        parts.append("Objetivos de aprendizaje: " + "; ".join(case.objetivos_aprendizaje))
+        goals = "; ".join(case.objetivos_aprendizaje[:CASE_GOALS])
+        parts.append(f"Objetivo del caso: {goals}.")
     patient = [
+        f"estadio aproximado {state.stage}",
+        treatment_phrase(state),
+        f"células resistentes {state.resistant_band}",
         f"{state.age_band} años",
         smoking_phrase(state),
-        f"estadio aproximado {state.stage}",
-        f"células resistentes {state.resistant_band}",
-        treatment_phrase(state),
-        f"dieta {DIET_NAMES[state.diet]}",
     ]
+    if state.diet != "normal":
+        patient.append(f"dieta {DIET_NAMES[state.diet]}")
     if state.lung_state:
         patient.append(f"estado pulmonar {LUNG_STATE_NAMES[state.lung_state]}")
     parts.append("Paciente: " + "; ".join(patient) + ".")
-    parts.append("Explica qué le ocurre al tumor y qué considerarían las guías según las fuentes.")
     return "\n".join(parts)
 
 

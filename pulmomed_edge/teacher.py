@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .cache import ResponseCache
-from .canonical import CanonicalState, cache_key, canonicalize, retrieval_queries
+from .canonical import PROMPT_ORDER, CanonicalState, cache_key, canonicalize, retrieval_queries
 from .cases import CaseLibrary, LibraryCase
 from .engine import (
     DoneEvent,
@@ -47,7 +47,7 @@ from .schema import SimulationState, TeacherResponse
 log = logging.getLogger(__name__)
 
 PREPARED_MEMO_SIZE = 512
-MIN_ANSWER_TOKENS = 48  # admitted answers shrink to fit the budget, never below this
+MIN_ANSWER_TOKENS = 64  # admitted answers shrink to fit the budget, never below this
 
 
 class PassageLike(Protocol):
@@ -143,16 +143,19 @@ class TeacherService:
         self._memo_lock = threading.Lock()
 
     # --- preparation (worker thread) -------------------------------------------------------
-    def retrieve(self, state: CanonicalState, case: LibraryCase | None) -> list[PassageLike]:
-        """The best grounded passage for each aspect of the state, most important aspect first."""
-        chosen: list[PassageLike] = []
+    def retrieve_aspects(
+        self, state: CanonicalState, case: LibraryCase | None
+    ) -> list[tuple[str, PassageLike]]:
+        """(aspect, passage): the best grounded passage for each of the most important aspects of
+        the state, most important first."""
+        chosen: list[tuple[str, PassageLike]] = []
         seen: set[str] = set()
-        for query in retrieval_queries(state, case):
+        for aspect, query in retrieval_queries(state, case):
             if len(chosen) >= self.config.top_k_passages:
                 break
             for hit in self.search(query, 4):
                 if hit.grounded and hit.passage.id not in seen and _fits(hit.passage, case):
-                    chosen.append(hit.passage)
+                    chosen.append((aspect, hit.passage))
                     seen.add(hit.passage.id)
                     break
         return chosen
@@ -178,24 +181,33 @@ class TeacherService:
 
     def _prepare(self, canon: CanonicalState) -> Prepared:
         case = self.library.get(canon.case_id)
-        passages = self.retrieve(canon, case)
+        ranked = self.retrieve_aspects(canon, case)
+        # shown in PROMPT_ORDER (most shared aspects first), dropped least important first
+        passages = [p for _, p in sorted(ranked, key=lambda ap: PROMPT_ORDER.index(ap[0]))]
         llm = self.llm
         prompt = None
         if llm is not None:
-            passages, prompt = self._fit_prompt(canon, case, passages)
+            importance = [p for _, p in ranked]
+            passages, prompt = self._fit_prompt(canon, case, passages, importance)
         key = cache_key(canon, [p.id for p in passages], llm.sha256 if llm else "-", self.index_id)
         return Prepared(canon, case, passages, key, prompt)
 
     def _fit_prompt(
-        self, canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]
+        self,
+        canon: CanonicalState,
+        case: LibraryCase | None,
+        passages: list[PassageLike],
+        importance: list[PassageLike],
     ) -> tuple[list[PassageLike], list[int]]:
         """The prompt's tokens, dropping the least important passages until it fits."""
         assert self.llm is not None
+        dropping = list(importance)
         while True:
             tokens = self.llm.tokenize(render_prompt(self.llm.template, canon, case, passages))
             if len(tokens) <= self.config.max_prompt_tokens or not passages:
                 return passages, tokens
-            passages = passages[:-1]
+            least = dropping.pop()
+            passages = [p for p in passages if p is not least]
 
     def warm_prefix(self) -> list[int]:
         """The tokens every prompt starts with (system part): evaluated once by the engine."""
@@ -368,14 +380,17 @@ def _fits(passage: PassageLike, case: LibraryCase | None) -> bool:
 
 
 def answer_budget(max_new_tokens: int) -> dict[str, Any]:
-    """Token budgets for the two sections (3:2); each ends at a sentence, never mid-way."""
-    expl = max_new_tokens * 3 // 5
-    rec = max_new_tokens - expl
+    """Token budgets for the two sections that never add up to more than max_new_tokens.
+
+    Each section ends at a sentence once past its soft budget (about 45 % and 25 % of the total),
+    and is closed at its hard cap (60 % and 40 %) at the latest."""
+    expl_hard = max_new_tokens * 3 // 5
+    rec_hard = max_new_tokens - expl_hard
     return {
-        "max_new_tokens": max_new_tokens + 40,
+        "max_new_tokens": max_new_tokens,
         "phases": (
-            Phase(expl, expl + 25, marker=SECTION_MARKER, transition=SECTION_MARKER),
-            Phase(rec, rec + 15),
+            Phase(max_new_tokens * 9 // 20, expl_hard, marker=SECTION_MARKER, transition=SECTION_MARKER),
+            Phase(max_new_tokens // 4, rec_hard),
         ),
     }
 

@@ -11,6 +11,7 @@ import threading
 import time
 
 from pulmomed_edge.engine import DoneEvent, GenerationTask, SamplingParams
+from pulmomed_edge.engine.scheduler import common_prefix
 from pulmomed_edge.http.middlewares import RateLimiter
 from pulmomed_edge.prompts import EXPLANATION_LABEL, SYSTEM_PROMPT
 
@@ -155,6 +156,66 @@ async def test_greedy_output_is_the_same_alone_and_in_a_batch(served):
     alone = await asyncio.to_thread(run, [prompts[0]])
     together = await asyncio.to_thread(run, prompts)
     assert alone[0] and together[0] == alone[0]
+
+
+def _run_tasks(engine, batch: list[list[int]], max_new_tokens: int = 16) -> list[str]:
+    """Submit the prompts at once (greedy) and wait for all their texts."""
+    results: dict[int, str] = {}
+    done = threading.Event()
+
+    def sink_for(i: int):
+        def sink(ev):
+            if isinstance(ev, DoneEvent):
+                results[i] = ev.text
+                if len(results) == len(batch):
+                    done.set()
+
+        return sink
+
+    for i, prompt in enumerate(batch):
+        engine.submit(
+            GenerationTask(
+                prompt=prompt,
+                sink=sink_for(i),
+                max_new_tokens=max_new_tokens,
+                params=SamplingParams(temperature=0.0),
+            )
+        )
+    assert done.wait(120)
+    return [results[i] for i in range(len(batch))]
+
+
+async def test_students_asking_together_share_the_passages_evaluated_once(served):
+    engine = served.state.engine
+    llm = served.state.teacher.llm
+    await wait_idle(engine)
+    shared = (
+        f"Fuentes (sesión {time.monotonic_ns()}):\n"
+        + "[1] La cirugía es el tratamiento de elección del estadio I y II en pacientes operables. " * 4
+    )
+
+    def prompt(question: str) -> list[int]:
+        return llm.tokenize(llm.template.render(SYSTEM_PROMPT, shared + question, EXPLANATION_LABEL))
+
+    a, b = prompt("Paciente: 61 años, estadio IB."), prompt("Paciente: 47 años, estadio IIA.")
+    common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    chunk = engine.prefill_chunk
+    assert common - len(engine._warm_prefix) > 2 * chunk  # a real shared part beyond the system prompt
+    alone = await asyncio.to_thread(_run_tasks, engine, [b])
+    # four unrelated prompts overwrite every slot, so nothing of `b` stays cached
+    others = [
+        llm.tokenize(llm.template.render(SYSTEM_PROMPT, f"Pregunta {i}.", EXPLANATION_LABEL))
+        for i in range(4)
+    ]
+    await asyncio.to_thread(_run_tasks, engine, others, 2)
+    warm = len(engine._warm_prefix)
+    assert max(common_prefix(s.kv_tokens[: s.prompt_len], b) for s in engine.slots) < warm + chunk
+    before = engine.counters["prompt_tokens"]
+    together = await asyncio.to_thread(_run_tasks, engine, [a, b])
+    evaluated = engine.counters["prompt_tokens"] - before
+    # `b` evaluated only from the last whole chunk the two prompts share
+    assert evaluated <= (len(a) - (warm - warm % chunk)) + (len(b) - (common - common % chunk))
+    assert alone[0] and together[1] == alone[0]
 
 
 async def test_full_queue_answers_fallback_busy_at_once(served):

@@ -330,10 +330,13 @@ class GenerationEngine:
         for slot in decoding:
             owners.append((slot, len(entries), 1))
             entries.append((slot.pending[0], len(slot.kv_tokens), slot.seq, True))
-        # one prompt chunk per step (the oldest request first), ending on an aligned boundary
+        # one prompt chunk per step (the oldest request first), ending on an aligned boundary;
+        # more per step would reach first tokens no sooner in a burst (measured) and makes a
+        # sequence's arithmetic depend on its neighbours (greedy output alone != batched)
         waiting = sorted(prefilling, key=lambda s: s.task.submitted if s.task else 0.0)
         if waiting:
             slot = waiting[0]
+            self._catch_up(slot)
             base = len(slot.kv_tokens)
             n = min(len(slot.pending), self.prefill_chunk - base % self.prefill_chunk, limit - len(entries))
             owners.append((slot, len(entries), n))
@@ -353,6 +356,33 @@ class GenerationEngine:
             del slot.pending[:n]
             if not slot.pending:
                 self._sample(slot, first + n - 1)
+
+    def _catch_up(self, slot: _Slot) -> None:
+        """Share prompt cells another slot has evaluated since this one was admitted.
+
+        Students who ask at the same moment often share passages: the oldest prompt is evaluated
+        first, and the others copy the cells it has already computed instead of evaluating them
+        again. Only whole aligned chunks are shared, so the arithmetic stays the same."""
+        base = len(slot.kv_tokens)
+        target = slot.kv_tokens + slot.pending
+        best, src = base, None
+        for other in self.slots:
+            evaluated = other.kv_tokens[: other.prompt_len]
+            if other is slot or len(evaluated) - len(evaluated) % self.prefill_chunk <= best:
+                continue
+            common = min(common_prefix(evaluated, target), len(target) - 1)
+            common -= common % self.prefill_chunk
+            if common > best:
+                best, src = common, other
+        if src is None:
+            return
+        self.rt.seq_cp(src.seq, slot.seq, base, best)
+        n = best - base
+        slot.kv_tokens.extend(slot.pending[:n])
+        del slot.pending[:n]
+        slot.reused += n
+        self.counters["reused_tokens"] += n
+        self.counters["prompt_tokens"] -= n
 
     def _measure(self, seconds: float, decode_tokens: int, prompt_tokens: int) -> None:
         """Moving averages of decode-step time and prompt throughput, for admission."""
