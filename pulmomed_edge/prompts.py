@@ -77,8 +77,10 @@ def user_message(passages: list[PromptPassage], state: CanonicalState, case: Lib
         # the case's facts arrive as its retrieved passage; here only what to teach
         goals = "; ".join(case.objetivos_aprendizaje[:CASE_GOALS])
         parts.append(f"Objetivo del caso: {goals}.")
-    patient = [
-        f"estadio aproximado {state.stage}",
+    # a library case's stage is in its passage (a metastatic case can have a small primary, and
+    # the volume bands of the contract would then name a wrong stage)
+    patient = [] if case is not None else [f"estadio aproximado {state.stage}"]
+    patient += [
         treatment_phrase(state),
         f"células resistentes {state.resistant_band}",
         f"{state.age_band} años",

@@ -81,9 +81,10 @@ class LanguageModel:
 class Prepared:
     state: CanonicalState
     case: LibraryCase | None
-    passages: list[PassageLike]
+    passages: list[PassageLike]  # in prompt order: a passage's citation number is its place here
     key: str
     prompt: list[int] | None  # None when no LLM is loaded
+    by_importance: list[PassageLike] = field(default_factory=list)  # the same, most important first
 
 
 @dataclass
@@ -182,15 +183,16 @@ class TeacherService:
     def _prepare(self, canon: CanonicalState) -> Prepared:
         case = self.library.get(canon.case_id)
         ranked = self.retrieve_aspects(canon, case)
+        by_importance = [p for _, p in ranked]
         # shown in PROMPT_ORDER (most shared aspects first), dropped least important first
         passages = [p for _, p in sorted(ranked, key=lambda ap: PROMPT_ORDER.index(ap[0]))]
         llm = self.llm
         prompt = None
         if llm is not None:
-            importance = [p for _, p in ranked]
-            passages, prompt = self._fit_prompt(canon, case, passages, importance)
+            passages, prompt = self._fit_prompt(canon, case, passages, by_importance)
+        kept = [p for p in by_importance if p in passages]
         key = cache_key(canon, [p.id for p in passages], llm.sha256 if llm else "-", self.index_id)
-        return Prepared(canon, case, passages, key, prompt)
+        return Prepared(canon, case, passages, key, prompt, kept)
 
     def _fit_prompt(
         self,
@@ -355,7 +357,9 @@ class TeacherService:
                 return self._response(prepared, sections, llm.name)
 
     def _fallback(self, prepared: Prepared, reason: str) -> TeacherResponse:
-        numbered = [(i + 1, p.texto) for i, p in enumerate(prepared.passages)]
+        # the most important passages lead, each cited by its number in `fuentes`/the prompt
+        number = {p.id: i + 1 for i, p in enumerate(prepared.passages)}
+        numbered = [(number[p.id], p.texto) for p in prepared.by_importance]
         return self._response(prepared, extractive_sections(prepared.state, numbered), reason)
 
     def _response(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:

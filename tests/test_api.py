@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from pulmomed_edge.schema import ADVERTENCIA
+from pulmomed_edge.prompts import render_prompt
+from pulmomed_edge.schema import ADVERTENCIA, parse_state
 
 API = "/api/v1/consultar_profesor"
 RESPONSE_KEYS = {
@@ -269,3 +270,45 @@ async def test_status_page_shows_state_and_addresses(served):
         text = await resp.text()
     assert resp.status == 200
     assert "Listo para la clase" in text and "Dirección para los visores" in text
+
+
+async def test_prompts_share_everything_but_the_student_and_the_fallback_leads_with_the_stage(served):
+    teacher = served.state.teacher
+    llm = teacher.llm
+    base = {"edad": 64, "pack_years": 30, "es_fumador": True, "volumen_tumor_sensible": 20.0}
+    base |= {"volumen_tumor_resistente": 3.0, "tratamiento_activo": "quimio", "dias_tratamiento": 40}
+    a = teacher.prepare(parse_state(base, teacher.library.ids))
+    b = teacher.prepare(parse_state(base | {"edad": 41}, teacher.library.ids))
+    assert [p.id for p in a.passages] == [p.id for p in b.passages]
+    common = next(i for i, (x, y) in enumerate(zip(a.prompt, b.prompt, strict=False)) if x != y)
+    # everything up to the student's own line is shared, so a cached prefix covers it
+    patient_at = len(llm.tokenize(_render(teacher, a).split("Paciente:")[0]))
+    assert common >= patient_at - 3
+    # most shared aspects first in the prompt; the stage passage is the most important one
+    assert a.by_importance[0].id != a.passages[0].id
+    assert "estadio" in a.by_importance[0].texto.lower()
+    fallback = teacher._fallback(a, "fallback-busy")
+    lead = a.by_importance[0].texto.split(".")[0]
+    assert lead in fallback.explicacion
+    assert f"[{a.passages.index(a.by_importance[0]) + 1}]" in fallback.explicacion
+
+
+async def test_a_library_case_prompt_takes_its_stage_from_the_case_not_the_volume(served):
+    teacher = served.state.teacher
+    case = next(c for c in teacher.library.all() if "IV" in c.caso_id)
+    body = {
+        "modo": "biblioteca",
+        "caso_id": case.caso_id,
+        "edad": case.edad,
+        "pack_years": case.pack_years,
+        "volumen_tumor_sensible": case.volumen_inicial_sensible,
+        "volumen_tumor_resistente": case.volumen_inicial_resistente,
+    }
+    prepared = teacher.prepare(parse_state(body, teacher.library.ids))
+    text = _render(teacher, prepared)
+    assert "estadio aproximado" not in text
+    assert case.caso_id in prepared.passages[0].texto
+
+
+def _render(teacher, prepared) -> str:
+    return render_prompt(teacher.llm.template, prepared.state, prepared.case, prepared.passages)
