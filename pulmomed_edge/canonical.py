@@ -144,25 +144,24 @@ SMOKING_QUERIES = {
     "nunca": "cáncer de pulmón en nunca fumadores: adenocarcinoma y mutaciones EGFR o ALK",
 }
 
-# The order passages are shown in the prompt: the aspects most students share first, so that
-# prompts share long cached prefixes (nearly every student has resistant cells; five stages; then
-# treatments within a stage). Importance, which decides what is retrieved, is the query order.
-PROMPT_ORDER = ("caso", "resistencia", "tabaco", "estadio", "tratamiento")
 
+def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
+    """Spanish queries, one per aspect of the state, most important first.
 
-def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[tuple[str, str]]:
-    """(aspect, Spanish query) pairs, one per aspect of the state, most important first."""
+    The prompt shows the passages in this order too: stage and treatment lead because a small
+    model restates passage [1], and they are also what students in a class share most, so
+    prompts share long cached prefixes (putting the resistance passage first saved ~5 % of prompt
+    tokens but led the 0.5B model to open with the simulator's two-population passage)."""
     stage_roman = c.stage.split(" ")[0].rstrip("+")
-    queries: list[tuple[str, str]] = []
+    queries: list[str] = []
     if case is not None:
-        queries.append(("caso", f"caso de biblioteca {case.caso_id} {case.titulo}"))
-    stage_query = f"estadio {stage_roman} del cáncer de pulmón no microcítico: qué significa y tratamiento"
-    queries.append(("estadio", stage_query))
+        queries.append(f"caso de biblioteca {case.caso_id} {case.titulo}")
+    queries.append(f"estadio {stage_roman} del cáncer de pulmón no microcítico: qué significa y tratamiento")
     if c.treatment != "ninguno":
-        queries.append(("tratamiento", TREATMENT_QUERIES[c.treatment]))
+        queries.append(TREATMENT_QUERIES[c.treatment])
     if c.resistant_band != "0 %":
-        queries.append(("resistencia", RESISTANCE_QUERY))
-    queries.append(("tabaco", SMOKING_QUERIES[c.smoking]))
+        queries.append(RESISTANCE_QUERY)
+    queries.append(SMOKING_QUERIES[c.smoking])
     return queries
 
 

@@ -34,7 +34,7 @@ def sentences(text: str) -> list[str]:
 
 
 def extractive_sections(state: CanonicalState, passages: list[tuple[int, str]]) -> Sections:
-    """passages: (number as cited in the answer, text), most important first."""
+    """passages: (number as cited in the answer, text), in retrieval order."""
     situation = (
         f"El volumen tumoral total corresponde aproximadamente al estadio {state.stage}; "
         f"paciente {smoking_phrase(state)}, {treatment_phrase(state)}."

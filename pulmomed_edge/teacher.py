@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .cache import ResponseCache
-from .canonical import PROMPT_ORDER, CanonicalState, cache_key, canonicalize, retrieval_queries
+from .canonical import CanonicalState, cache_key, canonicalize, retrieval_queries
 from .cases import CaseLibrary, LibraryCase
 from .engine import (
     DoneEvent,
@@ -47,7 +47,11 @@ from .schema import SimulationState, TeacherResponse
 log = logging.getLogger(__name__)
 
 PREPARED_MEMO_SIZE = 512
-MIN_ANSWER_TOKENS = 64  # admitted answers shrink to fit the budget, never below this
+ANSWER_SHARE = 0.9  # of the budget: by then the engine has ended the answer at a sentence
+MIN_ANSWER_TOKENS = 96  # admitted answers shrink to fit the budget, never below this
+# a request is admitted when about this many tokens fit its budget at the current pace; the
+# engine's deadline then ends the answer at a sentence if the class gets busier meanwhile
+ADMIT_MIN_TOKENS = 40
 
 
 class PassageLike(Protocol):
@@ -81,10 +85,9 @@ class LanguageModel:
 class Prepared:
     state: CanonicalState
     case: LibraryCase | None
-    passages: list[PassageLike]  # in prompt order: a passage's citation number is its place here
+    passages: list[PassageLike]  # most important first; a passage's citation number is its place
     key: str
     prompt: list[int] | None  # None when no LLM is loaded
-    by_importance: list[PassageLike] = field(default_factory=list)  # the same, most important first
 
 
 @dataclass
@@ -115,7 +118,7 @@ class TeacherConfig:
     # a request whose first token is not expected within this share of the budget, or that could
     # not write a minimal answer in time, gets the grounded fallback at once ("fallback-busy")
     # instead of timing out later; inf turns admission off
-    admit_share: float = 0.5
+    admit_share: float = 0.8
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -144,19 +147,17 @@ class TeacherService:
         self._memo_lock = threading.Lock()
 
     # --- preparation (worker thread) -------------------------------------------------------
-    def retrieve_aspects(
-        self, state: CanonicalState, case: LibraryCase | None
-    ) -> list[tuple[str, PassageLike]]:
-        """(aspect, passage): the best grounded passage for each of the most important aspects of
-        the state, most important first."""
-        chosen: list[tuple[str, PassageLike]] = []
+    def retrieve(self, state: CanonicalState, case: LibraryCase | None) -> list[PassageLike]:
+        """The best grounded passage for each of the most important aspects of the state, most
+        important first (retrieval_queries' order, which is also the prompt's)."""
+        chosen: list[PassageLike] = []
         seen: set[str] = set()
-        for aspect, query in retrieval_queries(state, case):
+        for query in retrieval_queries(state, case):
             if len(chosen) >= self.config.top_k_passages:
                 break
             for hit in self.search(query, 4):
                 if hit.grounded and hit.passage.id not in seen and _fits(hit.passage, case):
-                    chosen.append((aspect, hit.passage))
+                    chosen.append(hit.passage)
                     seen.add(hit.passage.id)
                     break
         return chosen
@@ -182,34 +183,24 @@ class TeacherService:
 
     def _prepare(self, canon: CanonicalState) -> Prepared:
         case = self.library.get(canon.case_id)
-        ranked = self.retrieve_aspects(canon, case)
-        by_importance = [p for _, p in ranked]
-        # shown in PROMPT_ORDER (most shared aspects first), dropped least important first
-        passages = [p for _, p in sorted(ranked, key=lambda ap: PROMPT_ORDER.index(ap[0]))]
+        passages = self.retrieve(canon, case)
         llm = self.llm
         prompt = None
         if llm is not None:
-            passages, prompt = self._fit_prompt(canon, case, passages, by_importance)
-        kept = [p for p in by_importance if p in passages]
+            passages, prompt = self._fit_prompt(canon, case, passages)
         key = cache_key(canon, [p.id for p in passages], llm.sha256 if llm else "-", self.index_id)
-        return Prepared(canon, case, passages, key, prompt, kept)
+        return Prepared(canon, case, passages, key, prompt)
 
     def _fit_prompt(
-        self,
-        canon: CanonicalState,
-        case: LibraryCase | None,
-        passages: list[PassageLike],
-        importance: list[PassageLike],
+        self, canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]
     ) -> tuple[list[PassageLike], list[int]]:
         """The prompt's tokens, dropping the least important passages until it fits."""
         assert self.llm is not None
-        dropping = list(importance)
         while True:
             tokens = self.llm.tokenize(render_prompt(self.llm.template, canon, case, passages))
             if len(tokens) <= self.config.max_prompt_tokens or not passages:
                 return passages, tokens
-            least = dropping.pop()
-            passages = [p for p in passages if p is not least]
+            passages = passages[:-1]
 
     def warm_prefix(self) -> list[int]:
         """The tokens every prompt starts with (system part): evaluated once by the engine."""
@@ -308,9 +299,9 @@ class TeacherService:
         engine = llm.engine
         first_token_s, per_token_s = engine.estimate(len(prepared.prompt))
         # as many tokens as fit in what is left of the budget, never more than configured
-        affordable = int((0.85 * self.config.budget_s - first_token_s) / max(per_token_s, 1e-3))
+        affordable = int((ANSWER_SHARE * self.config.budget_s - first_token_s) / max(per_token_s, 1e-3))
         late = first_token_s > self.config.admit_share * self.config.budget_s
-        short = math.isfinite(self.config.admit_share) and affordable < MIN_ANSWER_TOKENS
+        short = math.isfinite(self.config.admit_share) and affordable < ADMIT_MIN_TOKENS
         # an idle engine always takes the request: estimates from a busy spell must not lock it out
         if not engine.idle and (late or short):
             return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
@@ -321,6 +312,8 @@ class TeacherService:
             sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
             grammar=ANSWER_GRAMMAR,
             params=self.config.sampling,
+            # the engine wraps the answer up before the budget rather than letting it time out
+            deadline=time.monotonic() + ANSWER_SHARE * self.config.budget_s,
             **answer_budget(max_new),
         )
         flight.cancel = task.cancel.set
@@ -357,9 +350,7 @@ class TeacherService:
                 return self._response(prepared, sections, llm.name)
 
     def _fallback(self, prepared: Prepared, reason: str) -> TeacherResponse:
-        # the most important passages lead, each cited by its number in `fuentes`/the prompt
-        number = {p.id: i + 1 for i, p in enumerate(prepared.passages)}
-        numbered = [(number[p.id], p.texto) for p in prepared.by_importance]
+        numbered = [(i + 1, p.texto) for i, p in enumerate(prepared.passages)]
         return self._response(prepared, extractive_sections(prepared.state, numbered), reason)
 
     def _response(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
@@ -386,15 +377,16 @@ def _fits(passage: PassageLike, case: LibraryCase | None) -> bool:
 def answer_budget(max_new_tokens: int) -> dict[str, Any]:
     """Token budgets for the two sections that never add up to more than max_new_tokens.
 
-    Each section ends at a sentence once past its soft budget (about 45 % and 25 % of the total),
-    and is closed at its hard cap (60 % and 40 %) at the latest."""
+    A section ends at the first sentence end past its soft budget (35 % and 15 % of the total:
+    two or three sentences, then one or two, as the system prompt asks); the hard caps (60 % and
+    40 %) leave room to finish the sentence the model is writing."""
     expl_hard = max_new_tokens * 3 // 5
     rec_hard = max_new_tokens - expl_hard
     return {
         "max_new_tokens": max_new_tokens,
         "phases": (
-            Phase(max_new_tokens * 9 // 20, expl_hard, marker=SECTION_MARKER, transition=SECTION_MARKER),
-            Phase(max_new_tokens // 4, rec_hard),
+            Phase(max_new_tokens * 7 // 20, expl_hard, marker=SECTION_MARKER, transition=SECTION_MARKER),
+            Phase(max_new_tokens * 3 // 20, rec_hard),
         ),
     }
 

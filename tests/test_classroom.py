@@ -13,7 +13,8 @@ import time
 from pulmomed_edge.engine import DoneEvent, GenerationTask, SamplingParams
 from pulmomed_edge.engine.scheduler import common_prefix
 from pulmomed_edge.http.middlewares import RateLimiter
-from pulmomed_edge.prompts import EXPLANATION_LABEL, SYSTEM_PROMPT
+from pulmomed_edge.prompts import ANSWER_GRAMMAR, EXPLANATION_LABEL, SECTION_MARKER, SYSTEM_PROMPT
+from pulmomed_edge.teacher import answer_budget
 
 API = "/api/v1/consultar_profesor"
 
@@ -273,3 +274,42 @@ def test_bench_short_mode_completes_and_reports(settings, tmp_path):
         "server_rss_mb",
     } <= ours.keys()
     assert "TTFT p50 s" in proc.stdout
+
+
+async def test_a_near_deadline_ends_each_section_at_a_sentence_with_both_sections(served):
+    engine = served.state.engine
+    llm = served.state.teacher.llm
+    await wait_idle(engine)
+    question = "Paciente: 58 años, estadio IA."
+    prompt = llm.tokenize(llm.template.render(SYSTEM_PROMPT, question, EXPLANATION_LABEL))
+
+    def run(deadline: float | None) -> DoneEvent:
+        done: list[DoneEvent] = []
+        finished = threading.Event()
+
+        def sink(ev):
+            if isinstance(ev, DoneEvent):
+                done.append(ev)
+                finished.set()
+
+        engine.submit(
+            GenerationTask(
+                prompt=prompt,
+                sink=sink,
+                grammar=ANSWER_GRAMMAR,
+                params=SamplingParams(temperature=0.0),
+                deadline=deadline,
+                **answer_budget(160),
+            )
+        )
+        assert finished.wait(120)
+        return done[0]
+
+    relaxed = await asyncio.to_thread(run, None)
+    # already due: each section ends at its first sentence end (never cut by time)
+    hurried = await asyncio.to_thread(run, time.monotonic())
+    assert hurried.finish == "stop"
+    explanation, sep, recommendation = hurried.text.partition(SECTION_MARKER)
+    assert sep and explanation.rstrip().endswith((".", "!", "?"))
+    assert recommendation.rstrip().endswith((".", "!", "?"))
+    assert hurried.new_tokens < relaxed.new_tokens

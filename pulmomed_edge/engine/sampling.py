@@ -69,9 +69,25 @@ class SequenceSampler:
         self.rt.lib.llama_sampler_apply(self.grammar, ctypes.byref(arr))
         return data["logit"].copy()
 
-    def allows(self, token: int) -> bool:
-        filtered = self._grammar_filter(np.array([token], np.int32), np.zeros(1, np.float32))
-        return bool(np.isfinite(filtered[0]))
+    def allows_all(self, tokens: list[int]) -> bool:
+        """Whether the grammar accepts these tokens in a row, leaving its state untouched."""
+        if self.grammar is None:
+            return True
+        lib = self.rt.lib
+        probe = lib.llama_sampler_clone(self.grammar)
+        try:
+            for token in tokens:
+                data = np.array([(token, 0.0, 0.0)], dtype=TOKEN_DATA)
+                arr = lib.llama_token_data_array(
+                    data=data.ctypes.data_as(lib.llama_token_data_p), size=1, selected=-1, sorted=False
+                )
+                lib.llama_sampler_apply(probe, ctypes.byref(arr))
+                if not np.isfinite(data["logit"][0]):
+                    return False
+                lib.llama_sampler_accept(probe, token)
+            return True
+        finally:
+            lib.llama_sampler_free(probe)
 
     def accept(self, token: int) -> None:
         if self.grammar is not None:
@@ -82,12 +98,14 @@ class SequenceSampler:
 
     # --- sampling -------------------------------------------------------------------------
     def sample(self, logits: np.ndarray, boost: dict[int, float] | None = None) -> int:
-        """The next token; `boost` adds to chosen tokens' logits (they join the candidates)."""
+        """The next token; `boost` adds to chosen tokens' logits (boosted ones join the candidates)."""
         k = min(self.params.top_k, len(logits))
         ids = np.argpartition(logits, -k)[-k:].astype(np.int32)
         vals = logits[ids].astype(np.float32)
         if boost:
-            extra = np.array([t for t in boost if t not in set(ids.tolist())], dtype=np.int32)
+            present = set(ids.tolist())
+            # a positive boost brings its token into the candidates; a negative one only demotes
+            extra = np.array([t for t, b in boost.items() if b > 0 and t not in present], dtype=np.int32)
             ids = np.concatenate([ids, extra])
             vals = np.concatenate([vals, logits[extra].astype(np.float32)])
             vals = vals + np.array([boost.get(int(t), 0.0) for t in ids], dtype=np.float32)

@@ -11,6 +11,7 @@ call_soon_threadsafe). Nothing else ever touches the context.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -24,6 +25,13 @@ from .sampling import GrammarRejected, SamplingParams, SequenceSampler
 log = logging.getLogger(__name__)
 
 SENTENCE_END = (".", "!", "?")
+WORKER_NICE = 5  # see _yield_to_the_event_loop
+# near its deadline an answer wraps up: the explanation leaves this many tokens for the
+# recommendation, and a section that has MIN_SECTION_TOKENS ends at its next sentence end once
+# fewer than WRAP_UP_TOKENS more would fit
+RECOMMENDATION_RESERVE = 28
+WRAP_UP_TOKENS = 20
+MIN_SECTION_TOKENS = 12
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class GenerationTask:
     params: SamplingParams = field(default_factory=SamplingParams)
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() by which the answer should be complete
 
 
 class EngineBusy(RuntimeError):
@@ -107,6 +116,20 @@ class _Slot:
     @property
     def busy(self) -> bool:
         return self.task is not None
+
+
+def _yield_to_the_event_loop() -> None:
+    """Run this worker (and the llama.cpp threads it starts, which inherit it) at a lower priority.
+
+    llama.cpp keeps every core busy; the event loop needs a core for a few milliseconds at a time
+    (cache hits, health, streaming). With equal priority it waits for a time slice; niced, it gets
+    the core at once and the engine loses almost nothing. Linux/macOS only; a no-op elsewhere."""
+    if not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+    except OSError:  # not permitted here: run at normal priority
+        log.debug("could not lower the engine's priority")
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -144,6 +167,9 @@ class GenerationEngine:
         self._thread: threading.Thread | None = None
         self._warm_prefix: list[int] = []
         self._period_tokens = sorted({t for t in (runtime.tokenize(".", special=False)[-1:]) if t >= 0})
+        # tokens that could start the next section (it begins on a new line); held back until a
+        # section has MIN_SECTION_TOKENS, so the small model cannot answer "El." and move on
+        self._newline_tokens = [t for t in range(runtime.n_vocab) if b"\n" in runtime.piece(t)]
         self.failure: str | None = None
         # measured speeds for admission: prompt tokens/s, and seconds per decode-only step
         self.prefill_rate = 80.0
@@ -216,6 +242,7 @@ class GenerationEngine:
 
     # --- worker -------------------------------------------------------------------------------
     def _run(self) -> None:
+        _yield_to_the_event_loop()
         try:
             if self._warm_prefix:
                 self._warm(self._warm_prefix)
@@ -398,7 +425,7 @@ class GenerationEngine:
         task = slot.task
         assert task is not None and slot.sampler is not None and slot.stream is not None
         try:
-            token = slot.sampler.sample(self.rt.logits(batch_index), self._sentence_end_boost(slot))
+            token = slot.sampler.sample(self.rt.logits(batch_index), self._logit_bias(slot))
         except GrammarRejected:
             self._finish(slot, "stop")
             return
@@ -417,13 +444,42 @@ class GenerationEngine:
             return
         self._advance_phase(slot)
 
-    def _sentence_end_boost(self, slot: _Slot) -> dict[int, float] | None:
-        """Past a section's soft budget, nudge the model toward ending its sentence."""
+    def _tokens_left(self, slot: _Slot) -> float:
+        """How many more tokens this answer can take before its deadline, at the current pace."""
+        task = slot.task
+        if task is None or task.deadline is None:
+            return float("inf")
+        return (task.deadline - time.monotonic()) / max(self.token_interval_s, 1e-3)
+
+    def _pressed(self, slot: _Slot) -> bool:
+        """Near the deadline, a section ends at its next sentence end instead of at its budget.
+
+        The explanation keeps room for a short recommendation. Time never cuts a sentence: a
+        section first gets MIN_SECTION_TOKENS, and only whole sentences end early, so a class that
+        got busier gets shorter complete answers (or, if even that is too late, the fallback)."""
+        task = slot.task
+        assert task is not None
+        used = slot.new_tokens - slot.phase_start_tokens
+        if used < MIN_SECTION_TOKENS:
+            return False
+        left = self._tokens_left(slot)
+        if slot.phase < len(task.phases) - 1:
+            return left < RECOMMENDATION_RESERVE + WRAP_UP_TOKENS
+        return left < WRAP_UP_TOKENS
+
+    def _logit_bias(self, slot: _Slot) -> dict[int, float] | None:
+        """No new line before a section has its minimum; past its soft budget, or near the
+        deadline, a nudge toward ending the sentence."""
         task = slot.task
         if task is None or not task.phases:
             return None
         phase = task.phases[slot.phase]
-        over = slot.new_tokens - slot.phase_start_tokens - phase.soft_tokens
+        used = slot.new_tokens - slot.phase_start_tokens
+        if used < MIN_SECTION_TOKENS:
+            return dict.fromkeys(self._newline_tokens, -30.0)
+        over = used - phase.soft_tokens
+        if self._pressed(slot):
+            over = max(over, 4)
         if over < 0:
             return None
         return {t: min(8.0, 1.0 + 0.5 * over) for t in self._period_tokens}
@@ -440,15 +496,19 @@ class GenerationEngine:
             return
         used = slot.new_tokens - slot.phase_start_tokens
         at_sentence_end = slot.text.rstrip().endswith(SENTENCE_END)
-        if (used >= phase.soft_tokens and at_sentence_end) or used >= phase.hard_tokens:
+        if (
+            (used >= phase.soft_tokens or self._pressed(slot)) and at_sentence_end
+        ) or used >= phase.hard_tokens:
             if last:
                 self._finish(slot, "stop" if at_sentence_end else "length")
                 return
             forced = phase.transition if at_sentence_end else "." + phase.transition
             if self._force(slot, forced):
                 self._enter_next_phase(slot)
-            else:
+            elif used >= phase.hard_tokens:
                 self._finish(slot, "length")
+            # else the grammar does not take the transition yet (say, right after the leading
+            # space): try again after the next token
 
     def _enter_next_phase(self, slot: _Slot) -> None:
         slot.phase = min(slot.phase + 1, len(slot.task.phases) - 1) if slot.task else 0
@@ -459,9 +519,9 @@ class GenerationEngine:
         """Write text for the model (checked against its grammar); it is decoded next step."""
         assert slot.sampler is not None and slot.stream is not None
         tokens = self.rt.tokenize(text, special=False)
+        if not slot.sampler.allows_all(tokens):
+            return False
         for token in tokens:
-            if not slot.sampler.allows(token):
-                return False
             slot.sampler.accept(token)
         slot.pending = slot.pending + tokens
         self._emit_text(slot, text)
