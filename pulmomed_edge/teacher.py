@@ -47,11 +47,12 @@ from .schema import SimulationState, TeacherResponse
 log = logging.getLogger(__name__)
 
 PREPARED_MEMO_SIZE = 512
+DELIVERY_MARGIN_S = 0.25  # of the budget, kept for sending the answer
 ANSWER_SHARE = 0.9  # of the budget: by then the engine has ended the answer at a sentence
 MIN_ANSWER_TOKENS = 96  # admitted answers shrink to fit the budget, never below this
 # a request is admitted when about this many tokens fit its budget at the current pace; the
 # engine's deadline then ends the answer at a sentence if the class gets busier meanwhile
-ADMIT_MIN_TOKENS = 40
+ADMIT_MIN_TOKENS = 64
 
 
 class PassageLike(Protocol):
@@ -327,7 +328,8 @@ class TeacherService:
             log.exception("prompt does not fit the slot")
             return self._fallback(prepared, "fallback-error")
         tracker = SectionTracker()
-        deadline = loop.time() + self.config.budget_s
+        # the fallback must reach the student within the budget, not just leave this coroutine
+        deadline = loop.time() + self.config.budget_s - DELIVERY_MARGIN_S
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), max(0.0, deadline - loop.time()))

@@ -117,48 +117,6 @@ async def test_client_that_disconnects_frees_its_slot(served):
     assert engine.counters["cancelled"] == before + 1
 
 
-async def test_greedy_output_is_the_same_alone_and_in_a_batch(served):
-    engine = served.state.engine
-    teacher = served.state.teacher
-    await wait_idle(engine)
-    llm = teacher.llm
-    prompts = [
-        llm.tokenize(
-            llm.template.render(SYSTEM_PROMPT, f"Pregunta {i}: ¿qué es el estadio {s}?", EXPLANATION_LABEL)
-        )
-        for i, s in enumerate(["IA", "IIB", "IIIA", "IV"])
-    ]
-
-    def run(batch: list[list[int]]) -> list[str]:
-        results: dict[int, str] = {}
-        done = threading.Event()
-
-        def sink_for(i: int):
-            def sink(ev):
-                if isinstance(ev, DoneEvent):
-                    results[i] = ev.text
-                    if len(results) == len(batch):
-                        done.set()
-
-            return sink
-
-        for i, prompt in enumerate(batch):
-            engine.submit(
-                GenerationTask(
-                    prompt=prompt,
-                    sink=sink_for(i),
-                    max_new_tokens=24,
-                    params=SamplingParams(temperature=0.0),
-                )
-            )
-        assert done.wait(120)
-        return [results[i] for i in range(len(batch))]
-
-    alone = await asyncio.to_thread(run, [prompts[0]])
-    together = await asyncio.to_thread(run, prompts)
-    assert alone[0] and together[0] == alone[0]
-
-
 def _run_tasks(engine, batch: list[list[int]], max_new_tokens: int = 16) -> list[str]:
     """Submit the prompts at once (greedy) and wait for all their texts."""
     results: dict[int, str] = {}
@@ -184,6 +142,23 @@ def _run_tasks(engine, batch: list[list[int]], max_new_tokens: int = 16) -> list
         )
     assert done.wait(120)
     return [results[i] for i in range(len(batch))]
+
+
+async def test_greedy_output_is_the_same_alone_and_in_a_batch(served):
+    engine = served.state.engine
+    teacher = served.state.teacher
+    await wait_idle(engine)
+    llm = teacher.llm
+    prompts = [
+        llm.tokenize(
+            llm.template.render(SYSTEM_PROMPT, f"Pregunta {i}: ¿qué es el estadio {s}?", EXPLANATION_LABEL)
+        )
+        for i, s in enumerate(["IA", "IIB", "IIIA", "IV"])
+    ]
+
+    alone = await asyncio.to_thread(_run_tasks, engine, [prompts[0]], 24)
+    together = await asyncio.to_thread(_run_tasks, engine, prompts, 24)
+    assert alone[0] and together[0] == alone[0]
 
 
 async def test_students_asking_together_share_the_passages_evaluated_once(served):

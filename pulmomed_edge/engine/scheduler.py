@@ -29,8 +29,8 @@ WORKER_NICE = 5  # see _yield_to_the_event_loop
 # near its deadline an answer wraps up: the explanation leaves this many tokens for the
 # recommendation, and a section that has MIN_SECTION_TOKENS ends at its next sentence end once
 # fewer than WRAP_UP_TOKENS more would fit
-RECOMMENDATION_RESERVE = 28
-WRAP_UP_TOKENS = 20
+RECOMMENDATION_RESERVE = 40
+WRAP_UP_TOKENS = 35  # about one sentence of the small model in Spanish
 MIN_SECTION_TOKENS = 12
 
 
@@ -130,6 +130,11 @@ def _yield_to_the_event_loop() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
     except OSError:  # not permitted here: run at normal priority
         log.debug("could not lower the engine's priority")
+
+
+def _has_sentence(text: str) -> bool:
+    """Whether text holds at least one finished sentence."""
+    return any(f"{mark} " in text for mark in SENTENCE_END)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -496,9 +501,18 @@ class GenerationEngine:
             return
         used = slot.new_tokens - slot.phase_start_tokens
         at_sentence_end = slot.text.rstrip().endswith(SENTENCE_END)
-        if (
-            (used >= phase.soft_tokens or self._pressed(slot)) and at_sentence_end
-        ) or used >= phase.hard_tokens:
+        section = slot.text[slot.phase_start_chars :]
+        overdue = self._tokens_left(slot) <= (0 if last else RECOMMENDATION_RESERVE)
+        if overdue and _has_sentence(section) and not at_sentence_end:
+            # out of time mid-sentence: close the section after its last whole sentence (the
+            # answer's text drops the unfinished one) rather than let the student time out
+            if last:
+                self._finish(slot, "stop")
+            elif self._force(slot, phase.transition):
+                self._enter_next_phase(slot)
+            return
+        wrap_up = used >= phase.soft_tokens or self._pressed(slot)
+        if (wrap_up and at_sentence_end) or used >= phase.hard_tokens:
             if last:
                 self._finish(slot, "stop" if at_sentence_end else "length")
                 return
