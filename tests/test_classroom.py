@@ -86,6 +86,10 @@ async def test_stream_sends_meta_deltas_then_the_same_done_object(served):
     status, again = await post(served, body)
     assert status == 200 and again["cache"] == "hit"
     assert again["explicacion"] == done["explicacion"]
+    # a streamed cache hit is the same two events, sent at once
+    replay = await read_stream(served, body)
+    assert [n for n, _ in replay] == ["meta", "done"] and replay[0][1] == meta
+    assert replay[1][1]["cache"] == "hit" and replay[1][1]["explicacion"] == done["explicacion"]
 
 
 async def test_late_joiner_gets_what_was_already_generated_then_the_rest(served):
