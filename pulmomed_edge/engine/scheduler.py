@@ -161,9 +161,11 @@ class GenerationEngine:
         self.slots = [_Slot(seq=i) for i in range(slots)]
         self.queue_size = queue_size
         # Prompts are evaluated in chunks aligned to multiples of this size, one chunk per step, and
-        # cached prefixes are reused only up to such a boundary: every sequence's arithmetic is then
-        # the same whoever shares the batch (greedy output alone == batched), and a cancel is seen
-        # within one short step.
+        # cached prefixes are reused only up to such a boundary, so that a sequence's arithmetic
+        # depends as little as possible on who shares the batch, and a cancel is seen within one
+        # short step. Greedy output alone == batched holds for the test's prompts; shifting the
+        # grid, more chunks per step or a longer system prompt broke it (llama.cpp's CPU kernels
+        # round differently by batch shape): re-run that test after changing any of them.
         self.prefill_chunk = prefill_chunk
         self.max_context_per_slot = max_context_per_slot or runtime.n_ctx // max(1, slots)
         self._queue: deque[GenerationTask] = deque()
