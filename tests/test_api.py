@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from pulmomed_edge.engine.scheduler import common_prefix
 from pulmomed_edge.prompts import render_prompt
 from pulmomed_edge.schema import ADVERTENCIA, parse_state
 
@@ -280,7 +281,7 @@ async def test_prompts_share_everything_but_the_student_and_lead_with_the_stage(
     a = teacher.prepare(parse_state(base, teacher.library.ids))
     b = teacher.prepare(parse_state(base | {"edad": 41}, teacher.library.ids))
     assert [p.id for p in a.passages] == [p.id for p in b.passages]
-    common = next(i for i, (x, y) in enumerate(zip(a.prompt, b.prompt, strict=False)) if x != y)
+    common = common_prefix(a.prompt, b.prompt)
     # everything up to the student's own line is shared, so a cached prefix covers it
     patient_at = len(llm.tokenize(_render(teacher, a).split("Paciente:")[0]))
     assert common >= patient_at - 3

@@ -121,31 +121,29 @@ async def test_client_that_disconnects_frees_its_slot(served):
     assert engine.counters["cancelled"] == before + 1
 
 
-def _run_tasks(engine, batch: list[list[int]], max_new_tokens: int = 16) -> list[str]:
-    """Submit the prompts at once (greedy) and wait for all their texts."""
-    results: dict[int, str] = {}
+def _run_tasks(engine, batch: list[list[int]], **task: object) -> list[DoneEvent]:
+    """Submit the prompts at once (greedy unless told otherwise) and wait for all of them."""
+    results: dict[int, DoneEvent] = {}
     done = threading.Event()
 
     def sink_for(i: int):
         def sink(ev):
             if isinstance(ev, DoneEvent):
-                results[i] = ev.text
+                results[i] = ev
                 if len(results) == len(batch):
                     done.set()
 
         return sink
 
+    task = {"max_new_tokens": 16, "params": SamplingParams(temperature=0.0), **task}
     for i, prompt in enumerate(batch):
-        engine.submit(
-            GenerationTask(
-                prompt=prompt,
-                sink=sink_for(i),
-                max_new_tokens=max_new_tokens,
-                params=SamplingParams(temperature=0.0),
-            )
-        )
+        engine.submit(GenerationTask(prompt=prompt, sink=sink_for(i), **task))
     assert done.wait(120)
     return [results[i] for i in range(len(batch))]
+
+
+def _texts(engine, batch: list[list[int]], **task: object) -> list[str]:
+    return [event.text for event in _run_tasks(engine, batch, **task)]
 
 
 async def test_greedy_output_is_the_same_alone_and_in_a_batch(served):
@@ -160,8 +158,8 @@ async def test_greedy_output_is_the_same_alone_and_in_a_batch(served):
         for i, s in enumerate(["IA", "IIB", "IIIA", "IV"])
     ]
 
-    alone = await asyncio.to_thread(_run_tasks, engine, [prompts[0]], 24)
-    together = await asyncio.to_thread(_run_tasks, engine, prompts, 24)
+    alone = await asyncio.to_thread(_texts, engine, [prompts[0]], max_new_tokens=24)
+    together = await asyncio.to_thread(_texts, engine, prompts, max_new_tokens=24)
     assert alone[0] and together[0] == alone[0]
 
 
@@ -178,20 +176,20 @@ async def test_students_asking_together_share_the_passages_evaluated_once(served
         return llm.tokenize(llm.template.render(SYSTEM_PROMPT, shared + question, EXPLANATION_LABEL))
 
     a, b = prompt("Paciente: 61 años, estadio IB."), prompt("Paciente: 47 años, estadio IIA.")
-    common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    common = common_prefix(a, b)
     chunk = engine.prefill_chunk
     assert common - len(engine._warm_prefix) > 2 * chunk  # a real shared part beyond the system prompt
-    alone = await asyncio.to_thread(_run_tasks, engine, [b])
+    alone = await asyncio.to_thread(_texts, engine, [b])
     # four unrelated prompts overwrite every slot, so nothing of `b` stays cached
     others = [
         llm.tokenize(llm.template.render(SYSTEM_PROMPT, f"Pregunta {i}.", EXPLANATION_LABEL))
         for i in range(4)
     ]
-    await asyncio.to_thread(_run_tasks, engine, others, 2)
+    await asyncio.to_thread(_texts, engine, others, max_new_tokens=2)
     warm = len(engine._warm_prefix)
     assert max(common_prefix(s.kv_tokens[: s.prompt_len], b) for s in engine.slots) < warm + chunk
     before = engine.counters["prompt_tokens"]
-    together = await asyncio.to_thread(_run_tasks, engine, [a, b])
+    together = await asyncio.to_thread(_texts, engine, [a, b])
     evaluated = engine.counters["prompt_tokens"] - before
     # `b` evaluated only from the last whole chunk the two prompts share
     assert evaluated <= (len(a) - (warm - warm % chunk)) + (len(b) - (common - common % chunk))
@@ -263,26 +261,8 @@ async def test_a_near_deadline_ends_each_section_at_a_sentence_with_both_section
     prompt = llm.tokenize(llm.template.render(SYSTEM_PROMPT, question, EXPLANATION_LABEL))
 
     def run(deadline: float | None) -> DoneEvent:
-        done: list[DoneEvent] = []
-        finished = threading.Event()
-
-        def sink(ev):
-            if isinstance(ev, DoneEvent):
-                done.append(ev)
-                finished.set()
-
-        engine.submit(
-            GenerationTask(
-                prompt=prompt,
-                sink=sink,
-                grammar=ANSWER_GRAMMAR,
-                params=SamplingParams(temperature=0.0),
-                deadline=deadline,
-                **answer_budget(160),
-            )
-        )
-        assert finished.wait(120)
-        return done[0]
+        task = {"grammar": ANSWER_GRAMMAR, "deadline": deadline, **answer_budget(160)}
+        return _run_tasks(engine, [prompt], **task)[0]
 
     relaxed = await asyncio.to_thread(run, None)
     # already due: each section ends at its first sentence end (never cut by time)

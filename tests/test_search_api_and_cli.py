@@ -53,10 +53,9 @@ async def test_bad_search_parameter_is_422_naming_it(served, params, campo):
     assert [d["campo"] for d in body["detalles"]] == [campo]
 
 
-def _cli(settings, *args: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ, PULMOMED_MODELS_DIR=str(settings.models_dir), PULMOMED_INDEX_DIR=str(settings.index_dir)
-    )
+def _cli(settings, *args: str, index_dir: Path | None = None) -> subprocess.CompletedProcess:
+    index = index_dir or settings.index_dir
+    env = dict(os.environ, PULMOMED_MODELS_DIR=str(settings.models_dir), PULMOMED_INDEX_DIR=str(index))
     return subprocess.run(
         [sys.executable, "-m", "pulmomed_edge", *args], env=env, capture_output=True, text=True, timeout=300
     )
@@ -78,10 +77,6 @@ def test_cli_eval_retrieval_prints_hit_rates(settings):
 
 
 def test_cli_reports_a_broken_index_with_its_fix(settings, tmp_path):
-    env_dir = tmp_path / "missing-index"
-    env = dict(os.environ, PULMOMED_MODELS_DIR=str(settings.models_dir), PULMOMED_INDEX_DIR=str(env_dir))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pulmomed_edge", "search", "ecog"], env=env, capture_output=True, text=True
-    )
+    proc = _cli(settings, "search", "ecog", index_dir=tmp_path / "missing-index")
     assert proc.returncode == 1
     assert "pulmomed-edge index build" in proc.stderr

@@ -52,9 +52,10 @@ class SequenceSampler:
             self.grammar = None
 
     # --- grammar --------------------------------------------------------------------------
-    def _grammar_filter(self, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """Logits with the grammar applied: disallowed candidates become -inf."""
-        if self.grammar is None:
+    def _grammar_filter(self, ids: np.ndarray, logits: np.ndarray, grammar: object = None) -> np.ndarray:
+        """Logits with the grammar (this sequence's, or `grammar`) applied: disallowed ones -inf."""
+        grammar = grammar or self.grammar
+        if grammar is None:
             return logits
         data = np.empty(len(ids), dtype=TOKEN_DATA)
         data["id"] = ids
@@ -66,7 +67,7 @@ class SequenceSampler:
             selected=-1,
             sorted=False,
         )
-        self.rt.lib.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        self.rt.lib.llama_sampler_apply(grammar, ctypes.byref(arr))
         return data["logit"].copy()
 
     def allows_all(self, tokens: list[int]) -> bool:
@@ -77,12 +78,8 @@ class SequenceSampler:
         probe = lib.llama_sampler_clone(self.grammar)
         try:
             for token in tokens:
-                data = np.array([(token, 0.0, 0.0)], dtype=TOKEN_DATA)
-                arr = lib.llama_token_data_array(
-                    data=data.ctypes.data_as(lib.llama_token_data_p), size=1, selected=-1, sorted=False
-                )
-                lib.llama_sampler_apply(probe, ctypes.byref(arr))
-                if not np.isfinite(data["logit"][0]):
+                allowed = self._grammar_filter(np.array([token], np.int32), np.zeros(1, np.float32), probe)
+                if not np.isfinite(allowed[0]):
                     return False
                 lib.llama_sampler_accept(probe, token)
             return True

@@ -176,7 +176,8 @@ class GenerationEngine:
         self._period_tokens = sorted({t for t in (runtime.tokenize(".", special=False)[-1:]) if t >= 0})
         # tokens that could start the next section (it begins on a new line); held back until a
         # section has MIN_SECTION_TOKENS, so the small model cannot answer "El." and move on
-        self._newline_tokens = [t for t in range(runtime.n_vocab) if b"\n" in runtime.piece(t)]
+        newline_tokens = [t for t in range(runtime.n_vocab) if b"\n" in runtime.piece(t)]
+        self._no_new_line = dict.fromkeys(newline_tokens, -30.0)
         self.failure: str | None = None
         # measured speeds for admission: prompt tokens/s, and seconds per decode-only step
         self.prefill_rate = 80.0
@@ -321,9 +322,7 @@ class GenerationEngine:
         prompt = task.prompt
 
         def reusable(slot: _Slot) -> int:
-            common = common_prefix(slot.kv_tokens[: slot.prompt_len], prompt)
-            common = min(common, len(prompt) - 1)  # the last prompt token is always evaluated
-            return common - common % self.prefill_chunk
+            return self._reusable(slot, prompt)
 
         dst = max(free, key=lambda s: (reusable(s), -s.last_used))
         own = reusable(dst)
@@ -391,22 +390,24 @@ class GenerationEngine:
             if not slot.pending:
                 self._sample(slot, first + n - 1)
 
+    def _reusable(self, source: _Slot, prompt: list[int]) -> int:
+        """How much of prompt source's evaluated prompt cells can serve: whole aligned chunks only,
+        and never the prompt's last token (it is evaluated to get the first logits)."""
+        common = common_prefix(source.kv_tokens[: source.prompt_len], prompt)
+        common = min(common, len(prompt) - 1)
+        return common - common % self.prefill_chunk
+
     def _catch_up(self, slot: _Slot) -> None:
         """Share prompt cells another slot has evaluated since this one was admitted.
 
         Students who ask at the same moment often share passages: the oldest prompt is evaluated
         first, and the others copy the cells it has already computed instead of evaluating them
         again. Only whole aligned chunks are shared, so the arithmetic stays the same."""
+        assert slot.task is not None
         base = len(slot.kv_tokens)
-        target = slot.kv_tokens + slot.pending
         best, src = base, None
         for other in self.slots:
-            evaluated = other.kv_tokens[: other.prompt_len]
-            if other is slot or len(evaluated) - len(evaluated) % self.prefill_chunk <= best:
-                continue
-            common = min(common_prefix(evaluated, target), len(target) - 1)
-            common -= common % self.prefill_chunk
-            if common > best:
+            if other is not slot and (common := self._reusable(other, slot.task.prompt)) > best:
                 best, src = common, other
         if src is None:
             return
@@ -483,7 +484,7 @@ class GenerationEngine:
         phase = task.phases[slot.phase]
         used = slot.new_tokens - slot.phase_start_tokens
         if used < MIN_SECTION_TOKENS:
-            return dict.fromkeys(self._newline_tokens, -30.0)
+            return self._no_new_line
         over = used - phase.soft_tokens
         if self._pressed(slot):
             over = max(over, 4)
