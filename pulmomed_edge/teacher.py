@@ -50,6 +50,7 @@ PREPARED_MEMO_SIZE = 512
 DELIVERY_MARGIN_S = 0.25  # of the budget, kept for sending the answer
 ANSWER_SHARE = 0.9  # of the budget: by then the engine has ended the answer at a sentence
 MIN_ANSWER_TOKENS = 96  # admitted answers shrink to fit the budget, never below this
+# (nor above the configured max_new_tokens)
 # a request is admitted when about this many tokens fit its budget at the current pace; the
 # engine's deadline then ends the answer at a sentence if the class gets busier meanwhile
 ADMIT_MIN_TOKENS = 64
@@ -306,7 +307,7 @@ class TeacherService:
         # an idle engine always takes the request: estimates from a busy spell must not lock it out
         if not engine.idle and (late or short):
             return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
-        max_new = max(MIN_ANSWER_TOKENS, min(self.config.max_new_tokens, affordable))
+        max_new = min(self.config.max_new_tokens, max(MIN_ANSWER_TOKENS, affordable))
         events: asyncio.Queue[Any] = asyncio.Queue()
         task = GenerationTask(
             prompt=prepared.prompt,

@@ -310,3 +310,18 @@ async def test_a_library_case_prompt_takes_its_stage_from_the_case_not_the_volum
 
 def _render(teacher, prepared) -> str:
     return render_prompt(teacher.llm.template, prepared.state, prepared.case, prepared.passages)
+
+
+async def test_a_configured_max_new_tokens_below_the_minimum_answer_still_caps_it(served):
+    from dataclasses import replace
+
+    teacher, engine = served.state.teacher, served.state.engine
+    original = teacher.config
+    teacher.config = replace(original, max_new_tokens=40)
+    before = engine.counters["new_tokens"]
+    try:
+        status, body = await post(served, {"age": 44, "pack_years": 12, "sensitive_tumor_volume": 33.0})
+    finally:
+        teacher.config = original
+    assert status == 200 and body["llm_model"] == "smollm2-135m-instruct-q4_1"
+    assert engine.counters["new_tokens"] - before <= 40
