@@ -23,6 +23,8 @@ async def test_health_is_503_starting_while_loading_then_200(settings):
         assert body["status"] == "healthy"
         async with session.get(server.make_url("/api/v1/health")) as resp:
             assert resp.status == 200
+            plan = (await resp.json())["components"]["llm"]["batch_plan"]
+        assert {"prefill_rows", "decode_rows", "mixed", "verified"} <= plan.keys()
     finally:
         await session.close()
         await server.close()

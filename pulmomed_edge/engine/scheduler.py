@@ -3,7 +3,9 @@
 Requests are tasks in a bounded queue. Between decode steps the worker admits queued tasks into
 free slots (each slot is one KV sequence), reusing the longest cached token prefix any slot holds;
 every step decodes one token for each generating slot plus a bounded chunk of prompt for slots
-still prefilling, so a long prompt never freezes the others' streams. Events (text, done, error)
+still prefilling, so a long prompt never freezes the others' streams; how many rows each
+llama_decode call holds follows the batch plan (batching.py), so that a student's answer does not
+depend on who else is being served. Events (text, done, error)
 go back through each task's `sink`, which must be thread-safe (the teacher wraps the event loop's
 call_soon_threadsafe). Nothing else ever touches the context.
 """
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .batching import probe_batch_plan, unprobed_plan
 from .runtime import LlamaRuntime, Utf8Stream
 from .sampling import GrammarRejected, SamplingParams, SequenceSampler
 
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 
 SENTENCE_END = (".", "!", "?")
 WORKER_NICE = 5  # see _yield_to_the_event_loop
+# probes the batch sizes when there is no shared prefix to probe with
+PROBE_TEXT = "El cáncer de pulmón no microcítico se estadifica con el sistema TNM de la IASLC."
 # near its deadline an answer wraps up: the explanation leaves this many tokens for the
 # recommendation, and a section that has MIN_SECTION_TOKENS ends at its next sentence end once
 # fewer than WRAP_UP_TOKENS more would fit
@@ -98,7 +103,7 @@ class EngineStopped(RuntimeError):
 class _Slot:
     seq: int
     kv_tokens: list[int] = field(default_factory=list)  # exactly what this sequence's KV holds
-    prompt_len: int = 0  # the leading kv_tokens that were evaluated as aligned prompt chunks
+    prompt_len: int = 0  # the leading kv_tokens that are (or will be) evaluated as prompt chunks
     task: GenerationTask | None = None
     pending: list[int] = field(default_factory=list)  # tokens to decode before the next sample
     sampler: SequenceSampler | None = None
@@ -116,6 +121,11 @@ class _Slot:
     @property
     def busy(self) -> bool:
         return self.task is not None
+
+    @property
+    def in_prompt(self) -> bool:
+        """Still evaluating its prompt (then its pending tokens are prompt rows, not decode rows)."""
+        return len(self.kv_tokens) < self.prompt_len
 
 
 def _yield_to_the_event_loop() -> None:
@@ -135,6 +145,28 @@ def _yield_to_the_event_loop() -> None:
 def _has_sentence(text: str) -> bool:
     """Whether text holds at least one finished sentence."""
     return any(f"{mark} " in text for mark in SENTENCE_END)
+
+
+def _pack(rows: list[tuple[_Slot, int]], limit: int) -> list[list[tuple[_Slot, int]]]:
+    """Split slots' decode rows into as few calls of at most `limit` rows as possible, of even
+    size; a slot's rows stay in order and may continue in the next call."""
+    total = sum(n for _, n in rows)
+    if not total:
+        return []
+    calls = -(-total // max(1, limit))
+    size = -(-total // calls)
+    groups: list[list[tuple[_Slot, int]]] = [[]]
+    room = size
+    for slot, n in rows:
+        while n:
+            if room == 0:
+                groups.append([])
+                room = size
+            take = min(n, room)
+            groups[-1].append((slot, take))
+            n -= take
+            room -= take
+    return groups
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -160,13 +192,12 @@ class GenerationEngine:
         self.rt = runtime
         self.slots = [_Slot(seq=i) for i in range(slots)]
         self.queue_size = queue_size
-        # Prompts are evaluated in chunks aligned to multiples of this size, one chunk per step, and
-        # cached prefixes are reused only up to such a boundary, so that a sequence's arithmetic
-        # depends as little as possible on who shares the batch, and a cancel is seen within one
-        # short step. Greedy output alone == batched holds for the test's prompts; shifting the
-        # grid, more chunks per step or a longer system prompt broke it (llama.cpp's CPU kernels
-        # round differently by batch shape): re-run that test after changing any of them.
+        # Prompts are evaluated one chunk of about this size per step (the oldest request first),
+        # so that one long prompt never freezes the others' streams and a cancel is seen within
+        # one short step. How many rows a call may hold is the batch plan's (batching.py): probed
+        # at start, it keeps each token's arithmetic independent of who shares the batch.
         self.prefill_chunk = prefill_chunk
+        self.plan = unprobed_plan(prefill_chunk, slots)
         self.max_context_per_slot = max_context_per_slot or runtime.n_ctx // max(1, slots)
         self._queue: deque[GenerationTask] = deque()
         self._cv = threading.Condition()
@@ -252,6 +283,12 @@ class GenerationEngine:
     def _run(self) -> None:
         _yield_to_the_event_loop()
         try:
+            started = time.monotonic()
+            probe = self._warm_prefix or self.rt.tokenize(PROBE_TEXT, special=False)
+            self.plan = probe_batch_plan(
+                self.rt, self.slots[0].seq, probe, self.prefill_chunk, len(self.slots)
+            )
+            log.info("batch sizes probed in %.2f s", time.monotonic() - started)
             if self._warm_prefix:
                 self._warm(self._warm_prefix)
             while True:
@@ -281,11 +318,13 @@ class GenerationEngine:
     def _warm(self, prefix: list[int]) -> None:
         """Evaluate the shared system prefix once and share its KV cells with every slot."""
         first = self.slots[0]
-        for start in range(0, len(prefix), self.prefill_chunk):
-            chunk = prefix[start : start + self.prefill_chunk]
+        start = 0
+        while start < len(prefix):
+            chunk = prefix[start : start + self.plan.prompt_rows(len(prefix) - start)]
             rc = self.rt.decode([(t, start + i, first.seq, False) for i, t in enumerate(chunk)])
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed warming the prefix (code {rc})")
+            start += len(chunk)
         first.kv_tokens = list(prefix)
         first.prompt_len = len(prefix)
         for slot in self.slots[1:]:
@@ -355,54 +394,73 @@ class GenerationEngine:
         self.counters["prompt_tokens"] += len(prompt) - reuse
 
     def _step(self) -> None:
-        entries: list[tuple[int, int, int, bool]] = []
-        owners: list[tuple[_Slot, int, int]] = []  # slot, first entry index, token count
-        limit = self.rt.config.n_batch
-        decoding = [s for s in self.slots if s.busy and len(s.pending) == 1 and s.new_tokens > 0]
-        prefilling = [s for s in self.slots if s.busy and s not in decoding]
-        for slot in decoding:
-            owners.append((slot, len(entries), 1))
-            entries.append((slot.pending[0], len(slot.kv_tokens), slot.seq, True))
-        # one prompt chunk per step (the oldest request first), ending on an aligned boundary;
-        # more per step would reach first tokens no sooner in a burst (measured) and makes a
-        # sequence's arithmetic depend on its neighbours (greedy output alone != batched)
-        waiting = sorted(prefilling, key=lambda s: s.task.submitted if s.task else 0.0)
+        """One prompt chunk (the oldest waiting request's) and one token for every decoding slot,
+        in as many llama_decode calls as the batch plan needs."""
+        plan = self.plan
+        decoding = [s for s in self.slots if s.busy and s.pending and not s.in_prompt]
+        waiting = sorted(
+            (s for s in self.slots if s.busy and s.in_prompt),
+            key=lambda s: s.task.submitted if s.task else 0.0,
+        )
+        prompt_part: list[tuple[_Slot, int]] = []
         if waiting:
             slot = waiting[0]
             self._catch_up(slot)
-            base = len(slot.kv_tokens)
-            n = min(len(slot.pending), self.prefill_chunk - base % self.prefill_chunk, limit - len(entries))
-            owners.append((slot, len(entries), n))
-            for i in range(n):
-                entries.append((slot.pending[i], base + i, slot.seq, i == n - 1 and n == len(slot.pending)))
-        started = time.monotonic()
-        rc = self.rt.decode(entries)
-        self._measure(time.monotonic() - started, len(decoding), len(entries) - len(decoding))
-        self.counters["decode_steps"] += 1
-        if rc != 0:
-            log.error("llama_decode returned %s for %d tokens", rc, len(entries))
-            for slot, _, _ in owners:
-                self._fail(slot, "El modelo no pudo procesar la solicitud (memoria de contexto llena).")
-            return
-        for slot, first, n in owners:
-            slot.kv_tokens.extend(slot.pending[:n])
-            del slot.pending[:n]
-            if not slot.pending:
-                self._sample(slot, first + n - 1)
+            prompt_part = [(slot, min(plan.prompt_rows(len(slot.pending)), self.rt.config.n_batch))]
+        groups = _pack([(s, len(s.pending)) for s in decoding], plan.decode_rows)
+        calls: list[list[tuple[_Slot, int]]]
+        if plan.mixed and prompt_part:
+            calls = [prompt_part + (groups[0] if groups else []), *groups[1:]]
+        else:
+            calls = ([prompt_part] if prompt_part else []) + groups
+        step_started = time.monotonic()
+        decode_s = prompt_s = 0.0
+        decode_rows = prompt_rows = 0
+        for parts in calls:
+            entries: list[tuple[int, int, int, bool]] = []
+            owners: list[tuple[_Slot, int, int]] = []  # slot, first entry index, token count
+            for slot, n in parts:
+                base = len(slot.kv_tokens)
+                owners.append((slot, len(entries), n))
+                last = n == len(slot.pending)  # the slot's last pending row gives its logits
+                for i in range(n):
+                    entries.append((slot.pending[i], base + i, slot.seq, last and i == n - 1))
+            in_prompt = sum(n for slot, n in parts if slot.in_prompt)
+            started = time.monotonic()
+            rc = self.rt.decode(entries)
+            seconds = time.monotonic() - started
+            if in_prompt:
+                prompt_rows += in_prompt
+                prompt_s += max(1e-3, seconds - (self.decode_step_s if len(entries) > in_prompt else 0.0))
+            else:
+                decode_s += seconds
+            decode_rows += len(entries) - in_prompt
+            self.counters["decode_steps"] += 1
+            if rc != 0:
+                log.error("llama_decode returned %s for %d tokens", rc, len(entries))
+                for slot, _, _ in owners:
+                    self._fail(slot, "El modelo no pudo procesar la solicitud (memoria de contexto llena).")
+                return
+            for slot, first, n in owners:
+                slot.kv_tokens.extend(slot.pending[:n])
+                del slot.pending[:n]
+                if not slot.pending:
+                    self._sample(slot, first + n - 1)
+        self._measure(time.monotonic() - step_started, decode_s, decode_rows, prompt_s, prompt_rows)
 
     def _reusable(self, source: _Slot, prompt: list[int]) -> int:
-        """How much of prompt source's evaluated prompt cells can serve: whole aligned chunks only,
-        and never the prompt's last token (it is evaluated to get the first logits)."""
+        """How much of prompt source's evaluated prompt cells can serve: the whole common prefix,
+        but at least one prompt chunk's minimum is left to evaluate (the last token gives the
+        first logits, and a shorter chunk would be computed by another kernel)."""
         common = common_prefix(source.kv_tokens[: source.prompt_len], prompt)
-        common = min(common, len(prompt) - 1)
-        return common - common % self.prefill_chunk
+        return max(0, min(common, len(prompt) - max(1, self.plan.prefill_min)))
 
     def _catch_up(self, slot: _Slot) -> None:
         """Share prompt cells another slot has evaluated since this one was admitted.
 
         Students who ask at the same moment often share passages: the oldest prompt is evaluated
         first, and the others copy the cells it has already computed instead of evaluating them
-        again. Only whole aligned chunks are shared, so the arithmetic stays the same."""
+        again: the same cells this slot would compute (batching.py)."""
         assert slot.task is not None
         base = len(slot.kv_tokens)
         best, src = base, None
@@ -419,15 +477,16 @@ class GenerationEngine:
         self.counters["reused_tokens"] += n
         self.counters["prompt_tokens"] -= n
 
-    def _measure(self, seconds: float, decode_tokens: int, prompt_tokens: int) -> None:
+    def _measure(
+        self, step_s: float, decode_s: float, decode_tokens: int, prompt_s: float, prompt_tokens: int
+    ) -> None:
         """Moving averages of decode-step time and prompt throughput, for admission."""
         if decode_tokens:
-            self.token_interval_s = 0.9 * self.token_interval_s + 0.1 * seconds
-        if prompt_tokens == 0 and decode_tokens:
-            self.decode_step_s = 0.9 * self.decode_step_s + 0.1 * seconds
-        elif prompt_tokens >= 16:
-            spent = max(1e-3, seconds - (self.decode_step_s if decode_tokens else 0.0))
-            self.prefill_rate = 0.9 * self.prefill_rate + 0.1 * (prompt_tokens / spent)
+            self.token_interval_s = 0.9 * self.token_interval_s + 0.1 * step_s
+        if decode_s > 0:
+            self.decode_step_s = 0.9 * self.decode_step_s + 0.1 * decode_s
+        if prompt_tokens >= 16:
+            self.prefill_rate = 0.9 * self.prefill_rate + 0.1 * (prompt_tokens / max(1e-3, prompt_s))
 
     def _sample(self, slot: _Slot, batch_index: int) -> None:
         task = slot.task

@@ -165,6 +165,7 @@ def health_body(state: ServerState) -> dict[str, Any]:
     components["cache"] = {"status": "ready", **state.cache.stats()}
     if state.engine is not None:
         components["llm"]["engine"] = state.engine.stats()
+        components["llm"]["batch_plan"] = state.engine.plan.as_dict()
     return {
         "status": state.status,
         "version": __version__,

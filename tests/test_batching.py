@@ -1,0 +1,131 @@
+"""Batch invariance where llama.cpp switches kernels: a second, real engine on the test model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pulmomed_edge.config import manifest_path
+from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
+from pulmomed_edge.engine.batching import BatchPlan, probe_batch_plan
+from pulmomed_edge.engine.chat import ChatTemplate
+from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
+from pulmomed_edge.engine.scheduler import _pack
+from pulmomed_edge.prompts import EXPLANATION_LABEL, SYSTEM_PROMPT
+
+# SmolLM2-135M Q4_1 computes a row alike in calls of 1-63 rows and differently from 64 rows on;
+# chunks of 128 put every prompt chunk past that switch, and decoding below it
+CHUNK = 128
+SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def runtime(models_dir: Path):
+    from pulmomed_edge.model_store import ModelStore
+
+    store = ModelStore(models_dir, manifest_path())
+    path = store.verify(store.default_name("llm", test=True))
+    rt = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=SLOTS * 640, n_seq=SLOTS, n_threads=1))
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def engine(runtime: LlamaRuntime):
+    template = ChatTemplate.from_runtime(runtime)
+    system_part = template.render(SYSTEM_PROMPT, "\x00", "").split("\x00")[0]
+    eng = GenerationEngine(runtime, slots=SLOTS, prefill_chunk=CHUNK)
+    eng.start(warm_prefix=runtime.tokenize(system_part))
+    eng.template = template  # type: ignore[attr-defined]  # for the prompts below
+    yield eng
+    eng.stop()
+
+
+def _prompt(engine, text: str) -> list[int]:
+    return engine.rt.tokenize(engine.template.render(SYSTEM_PROMPT, text, EXPLANATION_LABEL))
+
+
+def _submit(engine, prompt: list[int], max_new_tokens: int) -> tuple[threading.Event, dict]:
+    done, out = threading.Event(), {}
+
+    def sink(event):
+        if isinstance(event, DoneEvent):
+            out["text"] = event.text
+            done.set()
+
+    params = SamplingParams(temperature=0.0)
+    engine.submit(GenerationTask(prompt=prompt, sink=sink, max_new_tokens=max_new_tokens, params=params))
+    return done, out
+
+
+def _alone(engine, prompt: list[int], max_new_tokens: int = 24) -> str:
+    done, out = _submit(engine, prompt, max_new_tokens)
+    assert done.wait(120)
+    return out["text"]
+
+
+def test_the_probe_finds_the_kernel_switch_of_the_test_model(engine):
+    deadline = time.monotonic() + 60
+    while not engine.plan.verified:  # probed by the worker at start
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    plan = engine.plan
+    assert (plan.prefill_min, plan.prefill_max) == (64, 191)
+    assert plan.decode_rows >= SLOTS and not plan.mixed  # decode rows stay below 64, on their own
+
+
+def test_greedy_output_is_the_same_alone_and_beside_decoding_students(engine):
+    """A prompt whose last chunk, beside three decoding students, would cross 64 rows per call."""
+    warm = len(engine._warm_prefix)
+    # the prompt's last 128-aligned chunk has 62 tokens, as many as fit below the switch
+    words, late = 0, []
+    while True:
+        late = _prompt(engine, "Pregunta sobre el estadio IIIA: " + "detalle " * words)
+        if len(late) > warm + 64 and len(late) % CHUNK == 62:
+            break
+        words += 1
+        assert words < 400
+    questions = ("¿Qué es el estadio IA?", "¿Qué es el estadio IIB?", "¿Qué es el estadio IV?")
+    others = [_prompt(engine, q) for q in questions]
+    alone = _alone(engine, late)
+
+    running = [_submit(engine, p, 160) for p in others]
+    deadline = time.monotonic() + 60
+    while engine.counters["decode_steps"] == 0 or not all(
+        s.busy and not s.in_prompt for s in engine.slots if s.task and s.task.prompt in others
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    beside = _alone(engine, late)
+    for done, _ in running:
+        assert done.wait(120)
+    assert alone and beside == alone
+
+
+def test_probe_on_the_runtime_directly(runtime):
+    """The probe leaves its sequence empty and reports one class for the test model's small calls."""
+    tokens = runtime.tokenize("El cáncer de pulmón no microcítico se estadifica con el sistema TNM.")
+    plan = probe_batch_plan(runtime, SLOTS - 1, tokens, chunk=32, slots=SLOTS)
+    assert plan.verified and plan.mixed and plan.decode_rows >= SLOTS
+    assert runtime.lib.llama_memory_seq_pos_max(runtime.memory, SLOTS - 1) == -1
+
+
+def test_prompt_chunks_stay_within_their_rows():
+    plan = BatchPlan(chunk=32, prefill_min=16, prefill_max=47, decode_rows=7, mixed=False, verified=True)
+    for pending in range(16, 400):
+        left, sizes = pending, []
+        while left:
+            sizes.append(plan.prompt_rows(left))
+            left -= sizes[-1]
+        assert all(16 <= n <= 47 for n in sizes), (pending, sizes)
+
+
+def test_decode_rows_are_packed_evenly_and_in_order():
+    a, b, c = object(), object(), object()
+    groups = _pack([(a, 1), (b, 5), (c, 2)], limit=7)
+    assert [sum(n for _, n in g) for g in groups] == [4, 4]
+    assert groups == [[(a, 1), (b, 3)], [(b, 2), (c, 2)]]
+    assert _pack([], 7) == [] and len(_pack([(a, 1)] * 8, 7)) == 2
