@@ -199,6 +199,7 @@ def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
         runtime,
         slots=settings.slots,
         queue_size=settings.queue_size,
+        prefill_chunk=settings.prefill_chunk,
         max_context_per_slot=settings.max_prompt_tokens + settings.max_new_tokens + 40,
     )
     state.engine = engine

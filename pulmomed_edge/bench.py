@@ -56,6 +56,11 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument("--baseline", action="store_true", help="also run llama_cpp.server on the same prompts")
     b.add_argument("--ceiling", action="store_true", help="also measure raw batched decode")
     b.add_argument("--retrieval", action="store_true", help="only retrieval speed + index build")
+    b.add_argument(
+        "--invariance",
+        action="store_true",
+        help="only: greedy answers to --headsets prompts, batched vs alone, identical or not",
+    )
     b.add_argument("--seed", type=int, default=1)
     b.add_argument("--json", type=Path, default=None, help="write the results here")
     b.set_defaults(func=run)
@@ -396,8 +401,13 @@ def bench_retrieval() -> dict[str, Any]:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    if args.retrieval:
-        report = {"machine": machine_info(), "retrieval": await asyncio.to_thread(bench_retrieval)}
+    if args.retrieval or args.invariance:
+        if args.retrieval:
+            report = {"machine": machine_info(), "retrieval": await asyncio.to_thread(bench_retrieval)}
+        else:
+            from .bench_reference import run_invariance
+
+            report = {"machine": machine_info(), "invariance": await asyncio.to_thread(run_invariance, args)}
         print(json.dumps(report, ensure_ascii=False, indent=2))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 - baseline: llama-cpp-python's OpenAI-compatible server (interrupt_requests off), sent the very
   prompts our teacher renders for the same states, with the same number of new tokens.
 - ceiling: raw batched llama_decode of N sequences at once, no HTTP, no sampling logic.
+- invariance: our engine's greedy answers to the same prompts, all at once and then each alone.
 """
 
 from __future__ import annotations
@@ -224,4 +225,75 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
         "steps": steps,
         "tok_per_s": round(n * steps / elapsed, 2),
         "seconds": round(elapsed, 2),
+    }
+
+
+def run_invariance(args: argparse.Namespace) -> dict[str, Any]:
+    """How many greedy answers come out identical alone and in a batch, with real teacher prompts
+    (one per headset), our engine, `--slots` slots and `--max-tokens` new tokens."""
+    import threading
+
+    from .bench import plan_requests
+    from .engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
+    from .engine.chat import ChatTemplate
+    from .engine.runtime import LlamaRuntime, RuntimeConfig
+    from .teacher import system_prefix
+
+    settings = Settings.from_env()
+    texts = [t[0] for t in render_prompts(args, plan_requests(args.headsets, 1, args.mix, args.seed, False))]
+    _, path = _model_path(args)
+    rt = LlamaRuntime(
+        RuntimeConfig(
+            model_path=path,
+            n_ctx=args.slots * (settings.max_prompt_tokens + args.max_tokens),
+            n_seq=args.slots,
+            n_threads=settings.effective_threads,
+        )
+    )
+    template = ChatTemplate.from_runtime(rt)
+    engine = GenerationEngine(rt, slots=args.slots, prefill_chunk=settings.prefill_chunk)
+    try:
+        prompts = [rt.tokenize(t) for t in texts]
+        engine.start(warm_prefix=system_prefix(template, rt.tokenize))
+
+        def answers(batch: list[list[int]]) -> list[str]:
+            out: dict[int, str] = {}
+            done = threading.Event()
+
+            def sink_for(i: int) -> Any:
+                def sink(event: object) -> None:
+                    if isinstance(event, DoneEvent):
+                        out[i] = event.text
+                        if len(out) == len(batch):
+                            done.set()
+
+                return sink
+
+            for i, prompt in enumerate(batch):
+                engine.submit(
+                    GenerationTask(
+                        prompt=prompt,
+                        sink=sink_for(i),
+                        max_new_tokens=args.max_tokens,
+                        params=SamplingParams(temperature=0.0),
+                    )
+                )
+            done.wait()
+            return [out[i] for i in range(len(batch))]
+
+        together = answers(prompts)
+        alone = [answers([p])[0] for p in prompts]
+    finally:
+        engine.stop()
+        rt.close()
+    same = [a == b for a, b in zip(alone, together, strict=True)]
+    return {
+        "prompts": len(prompts),
+        "identical": sum(same),
+        "slots": args.slots,
+        "new_tokens": args.max_tokens,
+        "prefill_chunk": settings.prefill_chunk,
+        "differ": [
+            {"alone": a, "batched": b} for a, b, ok in zip(alone, together, same, strict=True) if not ok
+        ],
     }

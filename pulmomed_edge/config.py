@@ -70,6 +70,7 @@ class Settings:
     test_models: bool = False
     threads: int = 0  # 0 = all physical cores we can see
     slots: int = 8
+    prefill_chunk: int = 32  # prompt tokens evaluated per step (engine/batching.py)
     n_ctx: int = 0  # 0 = sized from slots × (max prompt + answer)
     max_prompt_tokens: int = 768
     max_new_tokens: int = 160

@@ -32,6 +32,7 @@ from .engine import (
     TextEvent,
 )
 from .engine.chat import ChatTemplate
+from .engine.scheduler import common_prefix
 from .extractive import extractive_sections
 from .prompts import (
     ANSWER_GRAMMAR,
@@ -208,12 +209,7 @@ class TeacherService:
         """The tokens every prompt starts with (system part): evaluated once by the engine."""
         if self.llm is None:
             return []
-        a = self.llm.tokenize(self.llm.template.render(SYSTEM_PROMPT, "Fuentes: A"))
-        b = self.llm.tokenize(self.llm.template.render(SYSTEM_PROMPT, "Paciente: B"))
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        return a[:n]
+        return system_prefix(self.llm.template, self.llm.tokenize)
 
     # --- answering (event loop) -------------------------------------------------------------
     async def answer(self, state: SimulationState) -> TeacherResponse:
@@ -405,3 +401,9 @@ def _sources(passages: list[PassageLike]) -> list[str]:
 def _timed(response: TeacherResponse, started: float, cache: str) -> TeacherResponse:
     elapsed = int((time.perf_counter() - started) * 1000)
     return response.model_copy(update={"processing_time_ms": elapsed, "cache": cache})
+
+
+def system_prefix(template: ChatTemplate, tokenize: Callable[[str], list[int]]) -> list[int]:
+    """The tokens every rendered prompt starts with: the chat template's system part."""
+    a = tokenize(template.render(SYSTEM_PROMPT, "Fuentes: A"))
+    return a[: common_prefix(a, tokenize(template.render(SYSTEM_PROMPT, "Paciente: B")))]

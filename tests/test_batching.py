@@ -10,14 +10,14 @@ import pytest
 
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
-from pulmomed_edge.engine.batching import BatchPlan, probe_batch_plan
+from pulmomed_edge.engine.batching import BatchPlan
 from pulmomed_edge.engine.chat import ChatTemplate
 from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
 from pulmomed_edge.engine.scheduler import _pack
 from pulmomed_edge.prompts import EXPLANATION_LABEL, SYSTEM_PROMPT
 
-# SmolLM2-135M Q4_1 computes a row alike in calls of 1-63 rows and differently from 64 rows on;
-# chunks of 128 put every prompt chunk past that switch, and decoding below it
+# SmolLM2-135M Q4_1 computes a row differently in calls of 64 rows or more; chunks of 128 put every
+# prompt chunk past that switch, and decoding below it
 CHUNK = 128
 SLOTS = 4
 
@@ -67,14 +67,11 @@ def _alone(engine, prompt: list[int], max_new_tokens: int = 24) -> str:
     return out["text"]
 
 
-def test_the_probe_finds_the_kernel_switch_of_the_test_model(engine):
-    deadline = time.monotonic() + 60
-    while not engine.plan.verified:  # probed by the worker at start
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+def test_prompt_chunks_of_128_stay_past_the_switch_and_decode_calls_below_it(engine):
     plan = engine.plan
-    assert (plan.prefill_min, plan.prefill_max) == (64, 191)
-    assert plan.decode_rows >= SLOTS and not plan.mixed  # decode rows stay below 64, on their own
+    assert (plan.prefill_min, plan.prefill_max) == (64, 191) and plan.decode_rows < 64
+    assert not plan.mixes(64, 1)
+    assert BatchPlan.for_chunk(32).mixes(47, 16) and not BatchPlan.for_chunk(32).mixes(47, 17)
 
 
 def test_greedy_output_is_the_same_alone_and_beside_decoding_students(engine):
@@ -105,27 +102,23 @@ def test_greedy_output_is_the_same_alone_and_beside_decoding_students(engine):
     assert alone and beside == alone
 
 
-def test_probe_on_the_runtime_directly(runtime):
-    """The probe leaves its sequence empty and reports one class for the test model's small calls."""
-    tokens = runtime.tokenize("El cáncer de pulmón no microcítico se estadifica con el sistema TNM.")
-    plan = probe_batch_plan(runtime, SLOTS - 1, tokens, chunk=32, slots=SLOTS)
-    assert plan.verified and plan.mixed and plan.decode_rows >= SLOTS
-    assert runtime.lib.llama_memory_seq_pos_max(runtime.memory, SLOTS - 1) == -1
-
-
-def test_prompt_chunks_stay_within_their_rows():
-    plan = BatchPlan(chunk=32, prefill_min=16, prefill_max=47, decode_rows=7, mixed=False, verified=True)
-    for pending in range(16, 400):
-        left, sizes = pending, []
-        while left:
-            sizes.append(plan.prompt_rows(left))
-            left -= sizes[-1]
-        assert all(16 <= n <= 47 for n in sizes), (pending, sizes)
+def test_prompt_chunks_stay_within_one_class_of_rows():
+    for chunk in (16, 32, 48, 64, 128):
+        plan = BatchPlan.for_chunk(chunk)
+        assert plan.prefill_min >= 8 and (plan.prefill_max < 64 or plan.prefill_min >= 64)
+        for pending in range(plan.prefill_min, 600):
+            left, sizes = pending, []
+            while left:
+                sizes.append(plan.prompt_rows(left))
+                left -= sizes[-1]
+            assert all(plan.prefill_min <= n <= plan.prefill_max for n in sizes), (chunk, pending, sizes)
+    with pytest.raises(ValueError):
+        BatchPlan.for_chunk(8)
 
 
 def test_decode_rows_are_packed_evenly_and_in_order():
     a, b, c = object(), object(), object()
-    groups = _pack([(a, 1), (b, 5), (c, 2)], limit=7)
+    groups = _pack([(a, 1), (b, 5), (c, 2)], limit=7)  # 8 rows, at most 7 a call
     assert [sum(n for _, n in g) for g in groups] == [4, 4]
     assert groups == [[(a, 1), (b, 3)], [(b, 2), (c, 2)]]
     assert _pack([], 7) == [] and len(_pack([(a, 1)] * 8, 7)) == 2

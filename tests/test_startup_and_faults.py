@@ -24,7 +24,7 @@ async def test_health_is_503_starting_while_loading_then_200(settings):
         async with session.get(server.make_url("/api/v1/health")) as resp:
             assert resp.status == 200
             plan = (await resp.json())["components"]["llm"]["batch_plan"]
-        assert {"prefill_rows", "decode_rows", "mixed", "verified"} <= plan.keys()
+        assert {"prefill_rows", "decode_rows"} <= plan.keys()
     finally:
         await session.close()
         await server.close()

@@ -1,36 +1,27 @@
-"""How many rows one llama_decode call may hold so that a row's arithmetic never depends on its
-neighbours — the basis of "greedy output alone == in a batch".
+"""How many rows one llama_decode call holds.
 
-llama.cpp's CPU kernels compute each row of a call independently, but pick a different kernel by
-the call's row count, and different kernels round differently. Measured on this machine: with the
-default Qwen2.5-0.5B Q4_K_M a row gives bit-identical logits in calls of 1–7 rows, again in calls
-of 8–63 rows, and again from 64 rows on, but the three classes differ from each other; with
-SmolLM2-135M Q4_1 the classes are 1–63 and 64+. Where the boundaries fall depends on the model's
-tensor types and on how llama.cpp was built, so the engine probes them at start-up.
-
-The rule the engine follows, given the probe:
-- a prompt token is always evaluated in a call of `prefill_min`..`prefill_max` rows (one class);
-- a generated or forced token is always evaluated in a call of at most `decode_rows` rows (the
-  class of a single row: a lone student decodes one row per call);
-- the two share a call only when one class covers them both (`mixed`).
-Then every token is computed the same way whoever else is being served, and a cached prompt prefix
-can be reused exactly (the chunk boundaries no longer matter, only the class).
+llama.cpp's CPU backend computes each row of a call on its own but picks kernels by the call's
+row count, and different kernels round differently, so a student's greedy answer can depend on
+who else is in the batch. Measured here (llama-cpp-python 0.3.36, AVX2, 2 threads), a row's
+logits changed bit-wise:
+- at 64 rows per call, with both models tried (Qwen2.5-0.5B Q4_K_M, SmolLM2-135M Q4_1);
+- at 8 rows, with Qwen, for contexts of 150-250 tokens;
+- between 1 row and 2+ rows, with Qwen, once the cache window reaches 512 cells (a lone row's
+  attention is split across threads, and then also depends on the cache's size).
+Whether a switch shows in the output depends on the values (activations are rounded to 8 bits
+before each product, which usually absorbs the difference). The engine avoids the switches that
+cost nothing to avoid: no call straddles 64 rows, and prompt chunks keep at least 8 rows. The
+others it does not: decoding a lone student in a padded two-row call doubled its decode time and,
+on real prompts, did not make more answers identical (BENCHMARKS.md), so greedy output alone and
+in a batch is usually identical, not always.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-import numpy as np
-
-if TYPE_CHECKING:
-    from .runtime import LlamaRuntime
-
-log = logging.getLogger(__name__)
-
-MAX_PROBE_ROWS = 63  # decode calls stay below 64 rows, where llama.cpp switched kernels on every model tried
+MIN_PROMPT_ROWS = 8  # prompt chunks stay above the 8-row switch
+KERNEL_SWITCH = 64  # no call straddles this one
 
 
 @dataclass(frozen=True)
@@ -38,92 +29,34 @@ class BatchPlan:
     chunk: int  # the usual prompt chunk
     prefill_min: int
     prefill_max: int
-    decode_rows: int
-    mixed: bool  # decode rows may share a prompt chunk's call (at most prefill_max + decode_rows)
-    verified: bool  # the probe confirmed each class; if not, invariance is not guaranteed
+    decode_rows: int = KERNEL_SWITCH - 1  # the most rows of a decode-only call
+
+    @classmethod
+    def for_chunk(cls, chunk: int) -> BatchPlan:
+        """Chunks of chunk/2 .. 1.5 chunk rows, moved to one side of the 64-row switch."""
+        low = max(1, chunk // 2)
+        if low < KERNEL_SWITCH <= chunk:
+            low = KERNEL_SWITCH
+        high = max(chunk + low - 1, 2 * low - 1)  # prompt_rows needs high >= 2 * low - 1
+        if low < KERNEL_SWITCH <= high:
+            high = KERNEL_SWITCH - 1
+        if low < MIN_PROMPT_ROWS or high < 2 * low - 1 or chunk > high:
+            raise ValueError(f"no class of row counts fits prompt chunks of {chunk} rows")
+        return cls(chunk, low, high)
 
     def prompt_rows(self, pending: int) -> int:
         """Rows of the next prompt chunk when `pending` prompt tokens are left: every chunk,
         the last one included, stays within prefill_min..prefill_max (pending >= prefill_min
-        is kept by the reuse rule; a prompt shorter than that is evaluated whole)."""
+        is kept by the engine's reuse rule; a prompt shorter than that is evaluated whole)."""
         if pending <= self.prefill_max:
             return pending
         if pending - self.chunk >= self.prefill_min:
             return self.chunk
         return pending - self.prefill_min
 
+    def mixes(self, prompt_rows: int, decode_rows: int) -> bool:
+        """Whether decode rows may share the prompt chunk's call (cheaper than two calls)."""
+        return prompt_rows + decode_rows < KERNEL_SWITCH
+
     def as_dict(self) -> dict[str, object]:
-        return {
-            "prefill_rows": [self.prefill_min, self.prefill_max],
-            "decode_rows": self.decode_rows,
-            "mixed": self.mixed,
-            "verified": self.verified,
-        }
-
-
-def unprobed_plan(chunk: int, slots: int) -> BatchPlan:
-    """The plan when nothing could be probed (no context to probe with): one class assumed."""
-    low = max(1, chunk // 2)
-    return BatchPlan(chunk, low, chunk + low - 1, max(1, slots), mixed=False, verified=False)
-
-
-def probe_batch_plan(rt: LlamaRuntime, seq: int, tokens: list[int], chunk: int, slots: int) -> BatchPlan:
-    """Find the row-count classes by decoding one probe row in calls of different sizes.
-
-    The probe row is tokens[-1] after the context tokens[:-1] (evaluated once, in `seq`); filler
-    rows follow it in the same sequence, so causality keeps them out of its attention and only
-    the call's size can change its logits. Leaves `seq` empty. Assumes each class is a contiguous
-    range of row counts (true of every model and build measured here)."""
-    low = max(1, chunk // 2)
-    high = chunk + low - 1
-    if len(tokens) < 2:
-        return unprobed_plan(chunk, slots)
-    context, probe_token = tokens[:-1], tokens[-1]
-    at = len(context)
-    rt.seq_rm(seq, -1, -1)
-    for start in range(0, at, chunk):
-        part = context[start : start + chunk]
-        if rt.decode([(t, start + i, seq, False) for i, t in enumerate(part)]) != 0:
-            raise RuntimeError("llama_decode failed while probing batch sizes")
-    seen: dict[int, np.ndarray] = {}
-
-    def logits(rows: int) -> np.ndarray:
-        if rows not in seen:
-            rt.seq_rm(seq, at, -1)
-            entries = [(probe_token, at, seq, True)]
-            entries += [(context[i % at], at + i, seq, False) for i in range(1, rows)]
-            if rt.decode(entries) != 0:
-                raise RuntimeError("llama_decode failed while probing batch sizes")
-            seen[rows] = rt.logits(0).copy()
-        return seen[rows]
-
-    def same(a: int, b: int) -> bool:
-        return bool(np.array_equal(logits(a), logits(b)))
-
-    try:
-        # the largest decode call whose rows compute like a lone row
-        top = min(MAX_PROBE_ROWS, max(slots + 8, 8))
-        if same(1, top):
-            decode_rows = top
-        else:
-            good, bad = 1, top
-            while bad - good > 1:
-                mid = (good + bad) // 2
-                good, bad = (mid, bad) if same(1, mid) else (good, mid)
-            decode_rows = good
-        verified = same(low, high)
-        mixed = (
-            verified and high + decode_rows <= MAX_PROBE_ROWS and same(1, low) and same(1, high + decode_rows)
-        )
-    finally:
-        rt.seq_rm(seq, -1, -1)
-    plan = BatchPlan(chunk, low, high, decode_rows, mixed, verified)
-    if not verified:
-        log.warning(
-            "prompt chunks of %d-%d rows do not compute alike with this model and build: "
-            "greedy output may differ between a request alone and in a batch",
-            low,
-            high,
-        )
-    log.info("batch plan: %s", plan.as_dict())
-    return plan
+        return {"prefill_rows": [self.prefill_min, self.prefill_max], "decode_rows": self.decode_rows}

@@ -4,8 +4,7 @@ Requests are tasks in a bounded queue. Between decode steps the worker admits qu
 free slots (each slot is one KV sequence), reusing the longest cached token prefix any slot holds;
 every step decodes one token for each generating slot plus a bounded chunk of prompt for slots
 still prefilling, so a long prompt never freezes the others' streams; how many rows each
-llama_decode call holds follows the batch plan (batching.py), so that a student's answer does not
-depend on who else is being served. Events (text, done, error)
+llama_decode call holds follows the batch plan (batching.py). Events (text, done, error)
 go back through each task's `sink`, which must be thread-safe (the teacher wraps the event loop's
 call_soon_threadsafe). Nothing else ever touches the context.
 """
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .batching import probe_batch_plan, unprobed_plan
+from .batching import BatchPlan
 from .runtime import LlamaRuntime, Utf8Stream
 from .sampling import GrammarRejected, SamplingParams, SequenceSampler
 
@@ -29,8 +28,6 @@ log = logging.getLogger(__name__)
 
 SENTENCE_END = (".", "!", "?")
 WORKER_NICE = 5  # see _yield_to_the_event_loop
-# probes the batch sizes when there is no shared prefix to probe with
-PROBE_TEXT = "El cáncer de pulmón no microcítico se estadifica con el sistema TNM de la IASLC."
 # near its deadline an answer wraps up: the explanation leaves this many tokens for the
 # recommendation, and a section that has MIN_SECTION_TOKENS ends at its next sentence end once
 # fewer than WRAP_UP_TOKENS more would fit
@@ -194,10 +191,10 @@ class GenerationEngine:
         self.queue_size = queue_size
         # Prompts are evaluated one chunk of about this size per step (the oldest request first),
         # so that one long prompt never freezes the others' streams and a cancel is seen within
-        # one short step. How many rows a call may hold is the batch plan's (batching.py): probed
-        # at start, it keeps each token's arithmetic independent of who shares the batch.
+        # one short step. How many rows each llama_decode call holds is the batch plan's
+        # (batching.py): it keeps a call from straddling a kernel switch of llama.cpp's.
         self.prefill_chunk = prefill_chunk
-        self.plan = unprobed_plan(prefill_chunk, slots)
+        self.plan = BatchPlan.for_chunk(prefill_chunk)
         self.max_context_per_slot = max_context_per_slot or runtime.n_ctx // max(1, slots)
         self._queue: deque[GenerationTask] = deque()
         self._cv = threading.Condition()
@@ -283,12 +280,6 @@ class GenerationEngine:
     def _run(self) -> None:
         _yield_to_the_event_loop()
         try:
-            started = time.monotonic()
-            probe = self._warm_prefix or self.rt.tokenize(PROBE_TEXT, special=False)
-            self.plan = probe_batch_plan(
-                self.rt, self.slots[0].seq, probe, self.prefill_chunk, len(self.slots)
-            )
-            log.info("batch sizes probed in %.2f s", time.monotonic() - started)
             if self._warm_prefix:
                 self._warm(self._warm_prefix)
             while True:
@@ -407,13 +398,14 @@ class GenerationEngine:
             slot = waiting[0]
             self._catch_up(slot)
             prompt_part = [(slot, min(plan.prompt_rows(len(slot.pending)), self.rt.config.n_batch))]
-        groups = _pack([(s, len(s.pending)) for s in decoding], plan.decode_rows)
+        rows = [(s, len(s.pending)) for s in decoding]
         calls: list[list[tuple[_Slot, int]]]
-        if plan.mixed and prompt_part:
-            calls = [prompt_part + (groups[0] if groups else []), *groups[1:]]
+        if prompt_part and plan.mixes(prompt_part[0][1], sum(n for _, n in rows)):
+            calls = [prompt_part + rows]  # one call: cheaper than two
         else:
-            calls = ([prompt_part] if prompt_part else []) + groups
+            calls = ([prompt_part] if prompt_part else []) + _pack(rows, plan.decode_rows)
         step_started = time.monotonic()
+        self.counters["decode_steps"] += 1
         decode_s = prompt_s = 0.0
         decode_rows = prompt_rows = 0
         for parts in calls:
@@ -435,7 +427,6 @@ class GenerationEngine:
             else:
                 decode_s += seconds
             decode_rows += len(entries) - in_prompt
-            self.counters["decode_steps"] += 1
             if rc != 0:
                 log.error("llama_decode returned %s for %d tokens", rc, len(entries))
                 for slot, _, _ in owners:
@@ -451,7 +442,7 @@ class GenerationEngine:
     def _reusable(self, source: _Slot, prompt: list[int]) -> int:
         """How much of prompt source's evaluated prompt cells can serve: the whole common prefix,
         but at least one prompt chunk's minimum is left to evaluate (the last token gives the
-        first logits, and a shorter chunk would be computed by another kernel)."""
+        first logits, and a shorter chunk would take another kernel)."""
         common = common_prefix(source.kv_tokens[: source.prompt_len], prompt)
         return max(0, min(common, len(prompt) - max(1, self.plan.prefill_min)))
 
@@ -460,7 +451,7 @@ class GenerationEngine:
 
         Students who ask at the same moment often share passages: the oldest prompt is evaluated
         first, and the others copy the cells it has already computed instead of evaluating them
-        again: the same cells this slot would compute (batching.py)."""
+        again."""
         assert slot.task is not None
         base = len(slot.kv_tokens)
         best, src = base, None
