@@ -43,7 +43,7 @@ def render_prompts(args: argparse.Namespace, plans: list[list[dict]]) -> list[li
 
     settings = Settings.from_env()
     store = ModelStore(settings.models_dir, manifest_path())
-    encoder, sha = open_encoder(store, test=settings.test_models)
+    encoder, sha = open_encoder(store, test=args.test_models or settings.test_models)
     retriever = open_retriever(settings.index_dir, encoder, sha)
     index = retriever.index
     _, path = _model_path(args)

@@ -226,7 +226,8 @@ async def test_rate_limit_per_headset_is_429_with_retry_after(served, seed):
     assert health_status == 200  # health is never rate limited
 
 
-def test_bench_short_mode_completes_and_reports(settings, tmp_path):
+def _bench(settings, tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`pulmomed-edge bench` with the test models and index, in its own process."""
     out = tmp_path / "bench.json"
     env = dict(
         os.environ,
@@ -235,11 +236,15 @@ def test_bench_short_mode_completes_and_reports(settings, tmp_path):
         PULMOMED_LOG_DIR=str(tmp_path / "logs"),
         PULMOMED_THREADS="1",
     )
-    cmd = [sys.executable, "-m", "pulmomed_edge", "bench", "--spawn", "--test-models", "--headsets", "4"]
-    cmd += ["--requests", "1", "--max-tokens", "32", "--stream", "--json", str(out)]
+    cmd = [sys.executable, "-m", "pulmomed_edge", "bench", "--test-models", *args, "--json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_bench_short_mode_completes_and_reports(settings, tmp_path):
+    args = ("--spawn", "--headsets", "4", "--requests", "1", "--max-tokens", "32", "--stream")
+    proc, report = _bench(settings, tmp_path, *args)
     ours = report["pulmomed"]
     assert ours["requests"] == 4
     assert {
@@ -255,22 +260,11 @@ def test_bench_short_mode_completes_and_reports(settings, tmp_path):
 
 
 def test_bench_invariance_mode_reports_how_many_answers_match(settings, tmp_path):
-    out = tmp_path / "invariance.json"
-    env = dict(
-        os.environ,
-        PULMOMED_MODELS_DIR=str(settings.models_dir),
-        PULMOMED_INDEX_DIR=str(settings.index_dir),
-        PULMOMED_LOG_DIR=str(tmp_path / "logs"),
-        PULMOMED_THREADS="1",
-        PULMOMED_TEST_MODELS="1",
-    )
-    cmd = [sys.executable, "-m", "pulmomed_edge", "bench", "--invariance", "--test-models", "--headsets", "3"]
-    cmd += ["--slots", "2", "--max-tokens", "12", "--json", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())["invariance"]
-    assert report["prompts"] == 3 and 0 <= report["identical"] <= 3
-    assert len(report["differ"]) == 3 - report["identical"]
+    args = ("--invariance", "--headsets", "3", "--slots", "2", "--max-tokens", "12")
+    _, report = _bench(settings, tmp_path, *args)
+    found = report["invariance"]
+    assert found["prompts"] == 3 and 0 <= found["identical"] <= 3
+    assert len(found["differ"]) == 3 - found["identical"]
 
 
 async def test_a_near_deadline_ends_each_section_at_a_sentence_with_both_sections(served):
