@@ -385,7 +385,7 @@ class GenerationEngine:
         self.counters["prompt_tokens"] += len(prompt) - reuse
 
     def _step(self) -> None:
-        """One prompt chunk (the oldest waiting request's) and one token for every decoding slot,
+        """One prompt chunk (the oldest waiting request's) and the pending tokens of every decoding slot,
         in as many llama_decode calls as the batch plan needs."""
         plan = self.plan
         decoding = [s for s in self.slots if s.busy and s.pending and not s.in_prompt]
