@@ -230,65 +230,21 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_invariance(args: argparse.Namespace) -> dict[str, Any]:
     """How many greedy answers come out identical alone and in a batch, with real teacher prompts
-    (one per headset), our engine, `--slots` slots and `--max-tokens` new tokens."""
-    import threading
+    (one per headset), our engine, `--slots` slots and `--max-tokens` new tokens.
 
+    The two runs use two fresh engines, so nothing computed in the batch is reused alone."""
     from .bench import plan_requests
-    from .engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
-    from .engine.chat import ChatTemplate
-    from .engine.runtime import LlamaRuntime, RuntimeConfig
-    from .teacher import system_prefix
 
     settings = Settings.from_env()
     texts = [t[0] for t in render_prompts(args, plan_requests(args.headsets, 1, args.mix, args.seed, False))]
     _, path = _model_path(args)
-    rt = LlamaRuntime(
-        RuntimeConfig(
-            model_path=path,
-            n_ctx=args.slots * (settings.max_prompt_tokens + args.max_tokens),
-            n_seq=args.slots,
-            n_threads=settings.effective_threads,
-        )
-    )
-    template = ChatTemplate.from_runtime(rt)
-    engine = GenerationEngine(rt, slots=args.slots, prefill_chunk=settings.prefill_chunk)
-    try:
-        prompts = [rt.tokenize(t) for t in texts]
-        engine.start(warm_prefix=system_prefix(template, rt.tokenize))
-
-        def answers(batch: list[list[int]]) -> list[str]:
-            out: dict[int, str] = {}
-            done = threading.Event()
-
-            def sink_for(i: int) -> Any:
-                def sink(event: object) -> None:
-                    if isinstance(event, DoneEvent):
-                        out[i] = event.text
-                        if len(out) == len(batch):
-                            done.set()
-
-                return sink
-
-            for i, prompt in enumerate(batch):
-                engine.submit(
-                    GenerationTask(
-                        prompt=prompt,
-                        sink=sink_for(i),
-                        max_new_tokens=args.max_tokens,
-                        params=SamplingParams(temperature=0.0),
-                    )
-                )
-            done.wait()
-            return [out[i] for i in range(len(batch))]
-
-        together = answers(prompts)
-        alone = [answers([p])[0] for p in prompts]
-    finally:
-        engine.stop()
-        rt.close()
+    together = _greedy_answers(path, settings, args, [texts])[0]
+    alone = [
+        answer for batch in _greedy_answers(path, settings, args, [[t] for t in texts]) for answer in batch
+    ]
     same = [a == b for a, b in zip(alone, together, strict=True)]
     return {
-        "prompts": len(prompts),
+        "prompts": len(texts),
         "identical": sum(same),
         "slots": args.slots,
         "new_tokens": args.max_tokens,
@@ -297,3 +253,61 @@ def run_invariance(args: argparse.Namespace) -> dict[str, Any]:
             {"alone": a, "batched": b} for a, b, ok in zip(alone, together, same, strict=True) if not ok
         ],
     }
+
+
+def _greedy_answers(
+    path: Any, settings: Settings, args: argparse.Namespace, batches: list[list[str]]
+) -> list[list[str]]:
+    """Each batch of prompt texts submitted at once to one fresh engine, batch after batch."""
+    import functools
+    import threading
+
+    from .engine import DoneEvent, ErrorEvent, GenerationEngine, GenerationTask, SamplingParams
+    from .engine.chat import ChatTemplate
+    from .engine.runtime import LlamaRuntime, RuntimeConfig
+    from .teacher import system_prefix
+
+    rt = LlamaRuntime(
+        RuntimeConfig(
+            model_path=path,
+            n_ctx=args.slots * (settings.max_prompt_tokens + args.max_tokens),
+            n_seq=args.slots,
+            n_threads=settings.effective_threads,
+        )
+    )
+    engine = GenerationEngine(
+        rt,
+        slots=args.slots,
+        queue_size=max(32, max(len(b) for b in batches)),
+        prefill_chunk=settings.prefill_chunk,
+    )
+
+    def run(batch: list[str]) -> list[str]:
+        out: dict[int, str] = {}
+        done = threading.Event()
+
+        def record(i: int, event: object) -> None:
+            if isinstance(event, DoneEvent | ErrorEvent):
+                out[i] = event.text if isinstance(event, DoneEvent) else f"<error: {event.message}>"
+                if len(out) == len(batch):
+                    done.set()
+
+        for i, text in enumerate(batch):
+            task = GenerationTask(
+                prompt=rt.tokenize(text),
+                sink=functools.partial(record, i),
+                max_new_tokens=args.max_tokens,
+                params=SamplingParams(temperature=0.0),
+            )
+            engine.submit(task)
+        if not done.wait(1800):
+            raise RuntimeError("the engine did not answer within 30 minutes")
+        return [out[i] for i in range(len(batch))]
+
+    try:
+        engine.start(warm_prefix=system_prefix(ChatTemplate.from_runtime(rt), rt.tokenize))
+        results = [run(batch) for batch in batches]
+    finally:
+        engine.stop()
+        rt.close()
+    return results
