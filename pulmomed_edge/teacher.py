@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .activity import RecentAnswers
 from .cache import ResponseCache
 from .canonical import CanonicalState, cache_key, canonicalize, retrieval_queries
 from .cases import CaseLibrary, LibraryCase
@@ -145,6 +146,7 @@ class TeacherService:
         self.llm = llm
         self.llm_failure = llm_failure
         self._flights: dict[str, Flight] = {}
+        self.recent = RecentAnswers()  # what students got lately, for the status page
         # canonical state → its retrieval and prompt: the same buckets always give the same ones
         self._memo: OrderedDict[str, Prepared] = OrderedDict()
         self._memo_lock = threading.Lock()
@@ -234,6 +236,7 @@ class TeacherService:
         cached = self.cache.get(prepared.key)
         if cached is not None:
             yield "meta", meta
+            self.recent.record("cache")
             yield "done", _timed(cached, started, "hit")
             return
         flight = self._flights.get(prepared.key)
@@ -265,7 +268,10 @@ class TeacherService:
                 kind, data = queue.get_nowait()
                 if kind == "delta":
                     yield "delta", {"seccion": data[0], "texto": data[1]}
-            yield "done", _timed(flight.result.result(), started, role)
+            response = flight.result.result()
+            fallback = response.llm_model.startswith("fallback-")
+            self.recent.record(response.llm_model if fallback else "modelo")
+            yield "done", _timed(response, started, role)
         finally:
             flight.listeners.remove(queue)
             flight.members -= 1

@@ -271,6 +271,39 @@ async def test_status_page_shows_state_and_addresses(served):
         text = await resp.text()
     assert resp.status == 200
     assert "Listo para la clase" in text and "Dirección para los visores" in text
+    assert "Actividad (últimos 10 minutos)" in text
+
+
+async def test_health_counts_what_students_got_lately(served):
+    async def activity() -> dict:
+        async with served.session.get(served.url("/api/v1/health")) as resp:
+            return (await resp.json())["activity"]
+
+    before = await activity()
+    body = {"age": 71, "pack_years": 12, "sensitive_tumor_volume": 33.0}
+    first, _ = await post(served, body)
+    again, _ = await post(served, body)  # the same buckets: a cache hit
+    after = await activity()
+    assert first == again == 200
+    assert after["answers"] == before["answers"] + 2
+    assert after["by_kind"].get("cache", 0) == before["by_kind"].get("cache", 0) + 1
+
+
+def test_recent_answers_forget_what_left_the_window_and_warn_when_busy():
+    from pulmomed_edge.activity import RecentAnswers
+    from pulmomed_edge.http.status_page import _activity_section
+
+    now = [0.0]
+    recent = RecentAnswers(window_s=60, clock=lambda: now[0])
+    for kind in ["modelo"] * 6 + ["cache"] * 2 + ["fallback-busy"] * 3:
+        recent.record(kind)
+    summary = recent.summary()
+    assert summary["answers"] == 11 and summary["busy_share"] == round(3 / 11, 3)
+    section = _activity_section(summary)
+    assert "6 escritas por el modelo, 2 desde la caché, 3 resumidas" in section and "va justo" in section
+    now[0] = 61.0
+    recent.record("modelo")
+    assert recent.summary()["answers"] == 1 and "va justo" not in _activity_section(recent.summary())
 
 
 async def test_prompts_share_everything_but_the_student_and_lead_with_the_stage(served):

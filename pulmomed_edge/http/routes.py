@@ -166,12 +166,15 @@ def health_body(state: ServerState) -> dict[str, Any]:
     if state.engine is not None:
         components["llm"]["engine"] = state.engine.stats()
         components["llm"]["batch_plan"] = state.engine.plan.as_dict()
-    return {
+    body: dict[str, Any] = {
         "status": state.status,
         "version": __version__,
         "uptime_s": round(time.monotonic() - state.started, 1),
         "components": components,
     }
+    if state.teacher is not None:
+        body["activity"] = state.teacher.recent.summary()
+    return body
 
 
 async def health(request: web.Request) -> web.Response:

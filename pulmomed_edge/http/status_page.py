@@ -37,7 +37,9 @@ def render_status_page(health: dict[str, Any], port: int) -> str:
     url_items = "".join(f"<li><code>{html.escape(u)}</code></li>" for u in urls) or (
         "<li>No se detecta ninguna red local: conecta el portátil a la red del aula.</li>"
     )
-    refresh = '<meta http-equiv="refresh" content="3">' if health["status"] == "starting" else ""
+    seconds = 3 if health["status"] == "starting" else 30
+    refresh = f'<meta http-equiv="refresh" content="{seconds}">'
+    activity = _activity_section(health.get("activity"))
     return f"""<!doctype html>
 <html lang="es"><head><meta charset="utf-8">{refresh}
 <title>PulmoMed Edge — estado</title>
@@ -53,4 +55,35 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .6re
 <h2>Componentes</h2>
 <table><tr><th>Componente</th><th>Estado</th><th>Detalle</th><th>Problema y solución</th></tr>
 {"".join(rows)}</table>
+{activity}
 </body></html>"""
+
+
+# when this share of recent answers are summaries because the laptop was busy, say so
+BUSY_WARNING_SHARE = 0.2
+BUSY_WARNING_MIN_ANSWERS = 10
+
+
+def _activity_section(activity: dict[str, Any] | None) -> str:
+    if not activity:
+        return ""
+    kinds: dict[str, int] = activity["by_kind"]
+    minutes = round(activity["window_s"] / 60)
+    answers = activity["answers"]
+    if not answers:
+        return f"<h2>Actividad (últimos {minutes} minutos)</h2><p>Todavía no hay preguntas.</p>"
+    model, cached = kinds.get("modelo", 0), kinds.get("cache", 0)
+    summaries = answers - model - cached
+    text = (
+        f"{answers} respuestas: {model} escritas por el modelo, {cached} desde la caché, "
+        f"{summaries} resumidas directamente de las fuentes."
+    )
+    warning = ""
+    if answers >= BUSY_WARNING_MIN_ANSWERS and activity["busy_share"] >= BUSY_WARNING_SHARE:
+        share = round(100 * activity["busy_share"])
+        warning = (
+            f'<p style="color:#b26a00"><strong>El portátil va justo:</strong> el {share} % de las '
+            "respuestas recientes fueron resúmenes de las fuentes porque el modelo estaba ocupado. "
+            "Menos preguntas a la vez, o un equipo con más núcleos, lo mejora.</p>"
+        )
+    return f"<h2>Actividad (últimos {minutes} minutos)</h2><p>{html.escape(text)}</p>{warning}"
