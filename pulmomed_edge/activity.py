@@ -8,12 +8,18 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 WINDOW_S = 600.0
+MODEL = "modelo"  # written by the model (for this request, or a shared identical one)
+CACHE = "cache"  # a cache hit
 BUSY_KINDS = ("fallback-busy", "fallback-timeout")
 
 
+def answer_kind(llm_model: str) -> str:
+    """The kind of a delivered, non-cached answer: its fallback's name, or MODEL."""
+    return llm_model if llm_model.startswith("fallback-") else MODEL
+
+
 class RecentAnswers:
-    """Answers delivered to students in a sliding window, by kind: "modelo" (written by the
-    model for this request or a shared identical one), "cache" (a cache hit) or the fallback."""
+    """Answers delivered to students in a sliding window, by kind: MODEL, CACHE or the fallback."""
 
     def __init__(self, window_s: float = WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s

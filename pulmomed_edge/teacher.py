@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .activity import RecentAnswers
+from .activity import CACHE, RecentAnswers, answer_kind
 from .cache import ResponseCache
 from .canonical import CanonicalState, cache_key, canonicalize, retrieval_queries
 from .cases import CaseLibrary, LibraryCase
@@ -236,7 +236,7 @@ class TeacherService:
         cached = self.cache.get(prepared.key)
         if cached is not None:
             yield "meta", meta
-            self.recent.record("cache")
+            self.recent.record(CACHE)
             yield "done", _timed(cached, started, "hit")
             return
         flight = self._flights.get(prepared.key)
@@ -269,8 +269,7 @@ class TeacherService:
                 if kind == "delta":
                     yield "delta", {"seccion": data[0], "texto": data[1]}
             response = flight.result.result()
-            fallback = response.llm_model.startswith("fallback-")
-            self.recent.record(response.llm_model if fallback else "modelo")
+            self.recent.record(answer_kind(response.llm_model))
             yield "done", _timed(response, started, role)
         finally:
             flight.listeners.remove(queue)

@@ -76,8 +76,8 @@ class LlamaRuntime:
         cparams.n_threads_batch = config.n_threads
         cparams.kv_unified = True  # sequences share prefix cells (seq_cp is free)
         cparams.no_perf = True
-        # flash attention skips other sequences' (masked) cells, so a sequence's arithmetic does not
-        # depend on who shares the batch (see GenerationEngine on how far that holds)
+        # flash attention skips other sequences' (masked) cells, so a sequence's arithmetic depends
+        # less on who shares the batch (engine/batching.py says how far that holds)
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:

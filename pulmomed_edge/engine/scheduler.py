@@ -193,7 +193,6 @@ class GenerationEngine:
         # so that one long prompt never freezes the others' streams and a cancel is seen within
         # one short step. How many rows each llama_decode call holds is the batch plan's
         # (batching.py): it keeps a call from straddling a kernel switch of llama.cpp's.
-        self.prefill_chunk = prefill_chunk
         self.plan = BatchPlan.for_chunk(prefill_chunk)
         self.max_context_per_slot = max_context_per_slot or runtime.n_ctx // max(1, slots)
         self._queue: deque[GenerationTask] = deque()
@@ -223,6 +222,10 @@ class GenerationEngine:
         }
 
     # --- public API (any thread) ------------------------------------------------------------
+    @property
+    def prefill_chunk(self) -> int:
+        return self.plan.chunk
+
     def start(self, warm_prefix: list[int] | None = None) -> None:
         self._warm_prefix = list(warm_prefix or [])
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)

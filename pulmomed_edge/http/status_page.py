@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from ..activity import CACHE, MODEL
 from ..network import teacher_urls
 
 _LABELS = {
@@ -72,7 +73,7 @@ def _activity_section(activity: dict[str, Any] | None) -> str:
     answers = activity["answers"]
     if not answers:
         return f"<h2>Actividad (últimos {minutes} minutos)</h2><p>Todavía no hay preguntas.</p>"
-    model, cached = kinds.get("modelo", 0), kinds.get("cache", 0)
+    model, cached = kinds.get(MODEL, 0), kinds.get(CACHE, 0)
     summaries = answers - model - cached
     text = (
         f"{answers} respuestas: {model} escritas por el modelo, {cached} desde la caché, "
