@@ -104,6 +104,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     state.loader.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await state.loader
+    if state.teacher is not None:
+        await state.teacher.close()
     for close in reversed(state.closers):
         try:
             await asyncio.to_thread(close)
@@ -165,12 +167,14 @@ async def load_components(state: ServerState) -> None:
                 max_new_tokens=settings.max_new_tokens,
                 top_k_passages=settings.top_k_passages,
                 max_prompt_tokens=settings.max_prompt_tokens,
+                backfill=settings.backfill,
             ),
             llm=llm,
         )
         if llm is not None:
             prefix = await asyncio.to_thread(state.teacher.warm_prefix)
             llm.engine.start(warm_prefix=prefix)
+            state.teacher.start_backfill()
     elif llm is not None:
         llm.engine.start()
     log.info("PulmoMed Edge: %s", state.status)

@@ -359,7 +359,15 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
     for counter in ("prompt_tokens", "reused_tokens", "decode_steps"):
         summary[counter] = eng_a.get(counter, 0) - eng_b.get(counter, 0)
     summary["model"] = after["components"]["llm"].get("model")
+    # background generations for states that got a busy fallback, started while no student waited
+    # (included in generations and new tokens), and those that finished (a student preempts them)
+    for name in ("started", "answered"):
+        summary[f"backfill_{name}"] = _backfill(after, name) - _backfill(before, name)
     return summary
+
+
+def _backfill(health: dict, counter: str) -> int:
+    return int(health.get("activity", {}).get("backfill", {}).get(counter, 0))
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -489,6 +497,8 @@ def print_table(report: dict[str, Any]) -> None:
         ("cut answers", ("cut_answers",)),
         ("fallback rate", ("fallback_rate",)),
         ("generations", ("generations",)),
+        ("backfill started", ("backfill_started",)),
+        ("backfill answered", ("backfill_answered",)),
         ("cache hits", ("cache_hits",)),
         ("cache hit p99 ms", ("cache_hit_e2e_ms", "p99")),
         ("tok/s (aggregate)", ("tok_per_s",)),

@@ -35,6 +35,12 @@ class ResponseCache(Generic[V]):
             self.hits += 1
             return item[1]
 
+    def __contains__(self, key: object) -> bool:
+        """Whether a valid entry exists; unlike get(), counts neither a hit nor a miss."""
+        with self._lock:
+            item = self._items.get(key)  # type: ignore[call-overload]
+            return item is not None and self._clock() < item[0]
+
     def put(self, key: str, value: V) -> None:
         if self.size <= 0:
             return

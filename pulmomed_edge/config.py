@@ -82,6 +82,7 @@ class Settings:
     cache_size: int = 256
     cache_ttl_s: float = 300.0
     rate_limit_per_min: int = 10
+    backfill: bool = True  # answer busy spells' fallback states later, while the engine is idle
     max_body_bytes: int = 64 * 1024
     models_dir: Path = field(default_factory=default_models_dir)
     index_dir: Path = field(default_factory=default_index_dir)

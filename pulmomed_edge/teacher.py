@@ -8,6 +8,7 @@ only awaits: retrieval and tokenisation run in a worker thread, generation in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .activity import CACHE, RecentAnswers, answer_kind
+from .activity import BUSY_KINDS, CACHE, RecentAnswers, answer_kind
 from .cache import ResponseCache
 from .canonical import CanonicalState, cache_key, canonicalize, retrieval_queries
 from .cases import CaseLibrary, LibraryCase
@@ -56,6 +57,15 @@ MIN_ANSWER_TOKENS = 96  # admitted answers shrink to fit the budget, never below
 # a request is admitted when about this many tokens fit its budget at the current pace; the
 # engine's deadline then ends the answer at a sentence if the class gets busier meanwhile
 ADMIT_MIN_TOKENS = 64
+# Backfill: a state that got "fallback-busy"/"fallback-timeout" is generated later, while the
+# engine has no live work, so the student who asks it again gets the model's answer from the cache.
+BACKFILL_POLL_S = 1.0
+BACKFILL_QUIET_S = 3.0  # no new live generation for this long before backfill starts
+BACKFILL_AT_ONCE = 2  # background generations at once: two finish within a short pause
+BACKFILL_ATTEMPTS = 2  # per state; a failed backfill is retried once (a preempted one is not a try)
+BACKFILL_PENDING_MAX = 64  # states remembered, newest first
+BACKFILL_MAX_AGE_S = 600.0  # older states are dropped: the class has moved on
+PREEMPT_WAIT_S = 2.0  # a live request waits at most this long for backfill to free its slots
 
 
 class PassageLike(Protocol):
@@ -105,6 +115,9 @@ class Flight:
     cancel: Callable[[], None] | None = None
     result: asyncio.Future[TeacherResponse] | None = None
     runner: asyncio.Task[None] | None = None
+    background: bool = False  # a backfill: nobody asked for it yet; a live request preempts it
+    attempt: int = 0  # a backfill's attempt at this state (1, 2…); 0 for a student's request
+    preempted: bool = False  # cancelled because a student asked something else
 
     def publish(self, kind: str, data: Any) -> None:
         if kind == "delta":
@@ -124,6 +137,7 @@ class TeacherConfig:
     # instead of timing out later; inf turns admission off
     admit_share: float = 0.8
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    backfill: bool = True  # generate busy spells' fallback states later, when the engine is idle
 
 
 class TeacherService:
@@ -150,6 +164,12 @@ class TeacherService:
         # canonical state → its retrieval and prompt: the same buckets always give the same ones
         self._memo: OrderedDict[str, Prepared] = OrderedDict()
         self._memo_lock = threading.Lock()
+        # cache key → (state, attempts so far, when it was missed): newest last
+        self._missed: OrderedDict[str, tuple[Prepared, int, float]] = OrderedDict()
+        self._last_live = -math.inf  # when the last live generation started (monotonic)
+        self._backfiller: asyncio.Task[None] | None = None
+        self.backfill_started = 0  # background generations started (preempted ones included)
+        self.backfilled = 0  # answers generated in the background and cached
 
     # --- preparation (worker thread) -------------------------------------------------------
     def retrieve(self, state: CanonicalState, case: LibraryCase | None) -> list[PassageLike]:
@@ -242,10 +262,8 @@ class TeacherService:
         flight = self._flights.get(prepared.key)
         role = "shared"
         if flight is None:
-            flight = Flight(prepared)
-            flight.result = asyncio.get_running_loop().create_future()
-            self._flights[prepared.key] = flight
-            flight.runner = asyncio.create_task(self._fly(flight))
+            self._last_live = time.monotonic()
+            flight = self._launch(prepared)
             role = "miss"
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         flight.listeners.append(queue)
@@ -277,19 +295,110 @@ class TeacherService:
             if flight.members == 0 and flight.cancel and not flight.result.done():
                 flight.cancel()  # nobody is listening any more: free the slot
 
+    def _launch(self, prepared: Prepared, *, background: bool = False, attempt: int = 0) -> Flight:
+        """Register a flight for this state (identical requests join it) and start generating."""
+        flight = Flight(prepared, background=background, attempt=attempt)
+        flight.result = asyncio.get_running_loop().create_future()
+        self._flights[prepared.key] = flight
+        flight.runner = asyncio.create_task(self._fly(flight))
+        return flight
+
     async def _fly(self, flight: Flight) -> None:
         assert flight.result is not None
         try:
             response = await self._generate(flight)
             flight.result.set_result(response)
+            key = flight.prepared.key
             if not response.llm_model.startswith("fallback-"):
-                self.cache.put(flight.prepared.key, response)
+                self.cache.put(key, response)
+                self._missed.pop(key, None)
+                if flight.background:
+                    self.backfilled += 1
+            elif response.llm_model in BUSY_KINDS:
+                self._remember_miss(flight)
         except Exception:  # never leave joiners hanging
             log.exception("generation flight failed")
             if not flight.result.done():
                 flight.result.set_result(self._fallback(flight.prepared, "fallback-error"))
         finally:
             self._flights.pop(flight.prepared.key, None)
+
+    # --- backfill (event loop) ----------------------------------------------------------------
+    def start_backfill(self) -> None:
+        """Start the background loop (composition root, once the engine runs)."""
+        if self.config.backfill and self.llm is not None and self._backfiller is None:
+            self._backfiller = asyncio.create_task(self._backfill_loop(), name="backfill")
+
+    async def close(self) -> None:
+        """Stop the backfill loop and cancel background generations (shutdown)."""
+        if self._backfiller is not None:
+            self._backfiller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._backfiller
+            self._backfiller = None
+        for flight in list(self._flights.values()):
+            if flight.background and flight.cancel is not None:
+                flight.cancel()
+
+    def backfill_stats(self) -> dict[str, int]:
+        running = sum(1 for f in self._flights.values() if f.background)
+        return {
+            "pending": len(self._missed),
+            "running": running,
+            "started": self.backfill_started,
+            "answered": self.backfilled,
+        }
+
+    def _remember_miss(self, flight: Flight) -> None:
+        # a student's own miss is always remembered (attempt 0); a preempted try does not count
+        attempts = flight.attempt - flight.preempted
+        if not self.config.backfill or attempts >= BACKFILL_ATTEMPTS:
+            return
+        key = flight.prepared.key
+        self._missed.pop(key, None)
+        self._missed[key] = (flight.prepared, attempts, time.monotonic())
+        while len(self._missed) > BACKFILL_PENDING_MAX:
+            self._missed.popitem(last=False)
+
+    async def _backfill_loop(self) -> None:
+        while True:
+            await asyncio.sleep(BACKFILL_POLL_S)
+            try:
+                self._backfill_step()
+            except Exception:  # the loop must outlive any one state's trouble
+                log.exception("backfill step failed")
+
+    def _backfill_step(self) -> None:
+        """Start background generations while no student waits on the engine."""
+        now = time.monotonic()
+        if not self._missed or now - self._last_live < BACKFILL_QUIET_S:
+            return
+        running = [f for f in self._flights.values() if f.background]
+        if len(running) < len(self._flights):  # a student's own generation is running
+            return
+        if not running and self.llm is not None and not self.llm.engine.idle:
+            return  # work submitted outside the teacher (bench, tests): leave the engine alone
+        while self._missed and len(running) < BACKFILL_AT_ONCE:
+            key, (prepared, attempts, missed_at) = self._missed.popitem(last=True)
+            if now - missed_at > BACKFILL_MAX_AGE_S:
+                self._missed.clear()  # everything older is older still
+                return
+            if key in self._flights or key in self.cache:
+                continue
+            running.append(self._launch(prepared, background=True, attempt=attempts + 1))
+            self.backfill_started += 1
+
+    async def _preempt_backfill(self) -> None:
+        """Cancel background generations nobody has joined, and give their slots a moment to free."""
+        pending = []
+        for flight in list(self._flights.values()):
+            if flight.background and flight.members == 0 and flight.cancel is not None:
+                flight.preempted = True
+                flight.cancel()
+                assert flight.result is not None
+                pending.append(flight.result)
+        if pending:
+            await asyncio.wait(pending, timeout=PREEMPT_WAIT_S)
 
     async def _generate(self, flight: Flight) -> TeacherResponse:
         prepared = flight.prepared
@@ -300,13 +409,15 @@ class TeacherService:
             return self._fallback(prepared, "fallback-no-grounding")
         loop = asyncio.get_running_loop()
         engine = llm.engine
+        if not flight.background:
+            await self._preempt_backfill()  # a student asking now goes before the backfill
         first_token_s, per_token_s = engine.estimate(len(prepared.prompt))
         # as many tokens as fit in what is left of the budget, never more than configured
         affordable = int((ANSWER_SHARE * self.config.budget_s - first_token_s) / max(per_token_s, 1e-3))
         late = first_token_s > self.config.admit_share * self.config.budget_s
         short = math.isfinite(self.config.admit_share) and affordable < ADMIT_MIN_TOKENS
         # an idle engine always takes the request: estimates from a busy spell must not lock it out
-        if not engine.idle and (late or short):
+        if not engine.idle and (late or short) and not flight.background:
             return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
         max_new = min(self.config.max_new_tokens, max(MIN_ANSWER_TOKENS, affordable))
         events: asyncio.Queue[Any] = asyncio.Queue()

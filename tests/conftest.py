@@ -66,6 +66,9 @@ def settings(models_dir: Path, built_index_dir: Path, tmp_path_factory: pytest.T
         threads=1,
         budget_s=60.0,  # the test model is fast; a generous budget keeps the suite deterministic
         rate_limit_per_min=0,
+        # background generations would run between tests and move the engine counters some tests
+        # read; backfill is tested on a server of its own (test_classroom.py)
+        backfill=False,
     )
 
 

@@ -304,6 +304,12 @@ def test_recent_answers_forget_what_left_the_window_and_warn_when_busy():
     now[0] = 61.0
     recent.record("modelo")
     assert recent.summary()["answers"] == 1 and "va justo" not in _activity_section(recent.summary())
+    assert "prepara la respuesta" not in _activity_section(recent.summary())
+    with_backfill = {
+        **recent.summary(),
+        "backfill": {"pending": 2, "answered": 5, "running": 1, "started": 9},
+    }
+    assert "5 listas, 2 en espera" in _activity_section(with_backfill)
 
 
 async def test_prompts_share_everything_but_the_student_and_lead_with_the_stage(served):

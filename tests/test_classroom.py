@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+
+from conftest import Served, start_server, with_settings
 
 from pulmomed_edge.engine import DoneEvent, GenerationTask, SamplingParams
 from pulmomed_edge.engine.scheduler import common_prefix
@@ -211,6 +214,112 @@ async def test_full_queue_answers_fallback_busy_at_once(served):
     assert status == 200
     assert body["llm_model"] == "fallback-busy"
     assert body["explicacion"] and body["recomendacion"] and body["fuentes"]
+
+
+async def _until(condition, what: str, timeout: float = 120.0, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(step)
+
+
+async def _busy_answer(served, body):
+    """The answer to `body` while the engine's queue is full: the grounded fallback, at once."""
+    engine = served.state.engine
+    size = engine.queue_size
+    engine.queue_size = 0
+    try:
+        return await post(served, body)
+    finally:
+        engine.queue_size = size
+
+
+async def test_backfill_answers_a_busy_state_once_the_engine_is_idle(settings, seed):
+    server, session = await start_server(with_settings(settings, backfill=True))
+    served = Served(server, session)
+    try:
+        teacher = served.state.teacher
+        status, first = await _busy_answer(served, seed)
+        assert status == 200 and first["llm_model"] == "fallback-busy"
+        assert teacher.backfill_stats()["pending"] == 1
+        # nobody asks for a while, the engine is idle: the state is generated in the background
+        await _until(lambda: teacher.backfill_stats()["answered"] == 1, "the backfill")
+        assert teacher.backfill_stats() == {"pending": 0, "running": 0, "started": 1, "answered": 1}
+        status, again = await post(served, seed)
+        assert status == 200
+        assert again["cache"] == "hit"
+        assert again["llm_model"] == served.state.teacher.llm.name  # the model's answer this time
+        assert again["explicacion"] and again["recomendacion"]
+        async with session.get(served.url("/api/v1/health")) as resp:
+            health = await resp.json()
+        assert health["activity"]["backfill"]["answered"] == 1
+        # what the student got first was a fallback, the repeat came from the cache: no model answer
+        # was delivered without a student asking
+        assert health["activity"]["by_kind"] == {"fallback-busy": 1, "cache": 1}
+    finally:
+        await session.close()
+        await server.close()
+
+
+async def test_a_student_preempts_the_backfill(settings, seed):
+    # long answers keep the background generation running while the student asks
+    server, session = await start_server(
+        with_settings(settings, backfill=True, max_new_tokens=1200, max_prompt_tokens=512)
+    )
+    served = Served(server, session)
+    try:
+        teacher = served.state.teacher
+        busy_state = {**seed, "age": 71}
+        status, first = await _busy_answer(served, busy_state)
+        assert status == 200 and first["llm_model"] == "fallback-busy"
+        await _until(lambda: teacher.backfill_stats()["running"] == 1, "the backfill to start", step=0.01)
+        background = next(f for f in teacher._flights.values() if f.background)
+        assert background.members == 0
+        status, live = await post(served, {**seed, "age": 45})
+        assert status == 200
+        assert live["llm_model"] == teacher.llm.name and live["cache"] == "miss"
+        # the background generation was cancelled to make room, and its state is remembered
+        assert background.result.done()
+        assert background.result.result().llm_model == "fallback-timeout"
+        assert background.preempted and teacher.backfilled == 0
+        # remembered again, and the cancelled try does not count against it
+        assert teacher._missed.get(background.prepared.key, (None, 0))[1] == 0 or (
+            teacher.backfill_stats()["running"] == 1
+        )
+    finally:
+        await session.close()
+        await server.close()
+
+
+async def test_backfill_remembers_newest_states_and_gives_up_after_two_tries(served, seed):
+    from pulmomed_edge import teacher as teacher_mod
+    from pulmomed_edge.cache import ResponseCache
+    from pulmomed_edge.schema import parse_state
+
+    live = served.state.teacher
+    service = teacher_mod.TeacherService(
+        library=live.library,
+        search=live.search,
+        index_id=live.index_id,
+        cache=ResponseCache(8, 300.0),
+        config=teacher_mod.TeacherConfig(backfill=True),
+    )
+    a = live.prepare(parse_state(seed, live.library.ids))
+    b, c = (dataclasses.replace(a, key=f"{a.key}-{n}") for n in "bc")
+    service._remember_miss(teacher_mod.Flight(a))  # a student's miss
+    service._remember_miss(teacher_mod.Flight(b, background=True, attempt=1))  # preempted once
+    service._remember_miss(teacher_mod.Flight(c, background=True, attempt=2))  # second try failed
+    assert [(k, n) for k, (_, n, _) in service._missed.items()] == [(a.key, 0), (b.key, 1)]
+    service._remember_miss(teacher_mod.Flight(b, background=True, attempt=2, preempted=True))
+    assert service._missed[b.key][1] == 1  # a student cancelled that try: it does not count
+    service._remember_miss(teacher_mod.Flight(a))  # asked again: newest now
+    assert list(service._missed) == [b.key, a.key]
+    # backfill skips states the cache holds; looking does not count as a hit or a miss
+    service.cache.put(a.key, live._fallback(a, "x"))
+    assert a.key in service.cache and service.cache.stats()["hits"] == 0
+    for i in range(teacher_mod.BACKFILL_PENDING_MAX + 5):
+        service._remember_miss(teacher_mod.Flight(dataclasses.replace(c, key=f"state-{i}")))
+    assert len(service._missed) == teacher_mod.BACKFILL_PENDING_MAX
 
 
 async def test_rate_limit_per_headset_is_429_with_retry_after(served, seed):

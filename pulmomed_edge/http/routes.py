@@ -173,7 +173,7 @@ def health_body(state: ServerState) -> dict[str, Any]:
         "components": components,
     }
     if state.teacher is not None:
-        body["activity"] = state.teacher.recent.summary()
+        body["activity"] = {**state.teacher.recent.summary(), "backfill": state.teacher.backfill_stats()}
     return body
 
 

@@ -87,4 +87,11 @@ def _activity_section(activity: dict[str, Any] | None) -> str:
             "respuestas recientes fueron resúmenes de las fuentes porque el modelo estaba ocupado. "
             "Menos preguntas a la vez, o un equipo con más núcleos, lo mejora.</p>"
         )
+    backfill = activity.get("backfill") or {}
+    if backfill.get("answered") or backfill.get("pending"):
+        text += (
+            f" Cuando el modelo queda libre, prepara la respuesta completa a las preguntas que "
+            f"recibieron un resumen: {backfill.get('answered', 0)} listas, "
+            f"{backfill.get('pending', 0)} en espera; si se repiten, llegan al instante."
+        )
     return f"<h2>Actividad (últimos {minutes} minutos)</h2><p>{html.escape(text)}</p>{warning}"
