@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -51,6 +51,13 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer")
     b.add_argument("--budget", type=float, default=0.0, help="spawned server's budget (s); 0 = default")
     b.add_argument("--duration", type=float, default=0.0, help="seconds; headsets keep asking until then")
+    b.add_argument(
+        "--repeat-after",
+        type=float,
+        default=0.0,
+        help="then pause this long and ask the same questions again (a class that discusses, then "
+        "asks again); reported apart; not with --duration",
+    )
     b.add_argument("--identical", action="store_true", help="every headset sends the same request")
     b.add_argument("--no-source-ips", action="store_true", help="all headsets from 127.0.0.1")
     b.add_argument("--baseline", action="store_true", help="also run llama_cpp.server on the same prompts")
@@ -125,6 +132,7 @@ class Outcome:
     cache: str = ""
     cut: bool = False
     error: str = ""
+    repeat: bool = False  # asked again after --repeat-after
 
 
 def is_cut(answer: dict) -> bool:
@@ -206,6 +214,11 @@ async def _headset(
             k += 1
             if not args.duration and k >= len(plan):
                 break
+        if args.repeat_after > 0 and not args.duration:
+            await asyncio.sleep(args.repeat_after)
+            for body in plan:
+                outcome = await _ask(session, base, body, args.stream, i)
+                out.append(replace(outcome, repeat=True))
     return out
 
 
@@ -299,7 +312,9 @@ def _spawn_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
         PULMOMED_SLOTS=str(args.slots),
         PULMOMED_RATE_LIMIT_PER_MIN=os.environ.get("PULMOMED_RATE_LIMIT_PER_MIN", "10"),
     )
-    cmd = [sys.executable, "-m", "pulmomed_edge", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    # a frozen bundle's executable is the CLI itself; from source, run the package
+    program = [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "pulmomed_edge"]
+    cmd = [*program, "serve", "--host", "127.0.0.1", "--port", str(port)]
     if args.model:
         cmd += ["--model", args.model]
     if args.test_models:
@@ -363,6 +378,10 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
     # (included in generations and new tokens), and those that finished (a student preempts them)
     for name in ("started", "answered"):
         summary[f"backfill_{name}"] = _backfill(after, name) - _backfill(before, name)
+    repeats = [o for o in outcomes if o.repeat]
+    if repeats:
+        again = summarize(repeats, wall, 0, 0)
+        summary["asked_again"] = {k: again[k] for k in ("requests", "errors", "by_llm_model", "cache_hits")}
     return summary
 
 
@@ -514,5 +533,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"\nmodel: {ours.get('model')}   answers by model: {ours.get('by_llm_model')}")
     for r in rows:
         print(f"{r[0]:20s} {r[1]:>12s} {r[2]:>12s}")
+    if "asked_again" in ours:
+        again = ours["asked_again"]
+        print(f"asked again: {again['requests']} requests, answers by model: {again['by_llm_model']}")
     if "ceiling" in report:
         print(f"ceiling (raw batched decode): {report['ceiling'].get('tok_per_s')} tok/s")

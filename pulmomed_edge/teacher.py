@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 
 PREPARED_MEMO_SIZE = 512
 DELIVERY_MARGIN_S = 0.25  # of the budget, kept for sending the answer
-ANSWER_SHARE = 0.9  # of the budget: by then the engine has ended the answer at a sentence
+ANSWER_SHARE = 0.8  # of the budget: by then the engine ends the answer at a sentence (the rest
+# is slack for the sentence being written: at 2-3 students per step a token takes ~0.1 s)
 MIN_ANSWER_TOKENS = 96  # admitted answers shrink to fit the budget, never below this
 # (nor above the configured max_new_tokens)
 # a request is admitted when about this many tokens fit its budget at the current pace; the
@@ -66,6 +67,7 @@ BACKFILL_ATTEMPTS = 2  # per state; a failed backfill is retried once (a preempt
 BACKFILL_PENDING_MAX = 64  # states remembered, newest first
 BACKFILL_MAX_AGE_S = 600.0  # older states are dropped: the class has moved on
 PREEMPT_WAIT_S = 2.0  # a live request waits at most this long for backfill to free its slots
+BACKFILL_BUDGET_FACTOR = 4  # nobody waits on a backfill: it may take this many budgets
 
 
 class PassageLike(Protocol):
@@ -118,6 +120,7 @@ class Flight:
     background: bool = False  # a backfill: nobody asked for it yet; a live request preempts it
     attempt: int = 0  # a backfill's attempt at this state (1, 2…); 0 for a student's request
     preempted: bool = False  # cancelled because a student asked something else
+    created: float = 0.0  # time.monotonic() when it started: its budget runs from here
 
     def publish(self, kind: str, data: Any) -> None:
         if kind == "delta":
@@ -261,7 +264,7 @@ class TeacherService:
             return
         flight = self._flights.get(prepared.key)
         role = "shared"
-        if flight is None:
+        if flight is None or flight.preempted:  # a cancelled backfill ends with a fallback: not that
             self._last_live = time.monotonic()
             flight = self._launch(prepared)
             role = "miss"
@@ -273,11 +276,17 @@ class TeacherService:
             for seccion, texto in list(flight.deltas):
                 yield "delta", {"seccion": seccion, "texto": texto}
             assert flight.result is not None
+            # a backfill may run past this student's budget: then the student gets the fallback
+            # and the backfill goes on for the cache
+            give_up = time.monotonic() + self.config.budget_s - DELIVERY_MARGIN_S
             while not flight.result.done():
                 getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getter, flight.result}, return_when=asyncio.FIRST_COMPLETED)
+                wait = max(0.0, give_up - time.monotonic()) if flight.background else None
+                await asyncio.wait({getter, flight.result}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
                     getter.cancel()
+                    if not flight.result.done() and flight.background and time.monotonic() >= give_up:
+                        break
                     continue
                 kind, data = getter.result()
                 if kind == "delta":
@@ -286,18 +295,21 @@ class TeacherService:
                 kind, data = queue.get_nowait()
                 if kind == "delta":
                     yield "delta", {"seccion": data[0], "texto": data[1]}
-            response = flight.result.result()
+            if flight.result.done():
+                response = flight.result.result()
+            else:
+                response = self._fallback(prepared, "fallback-timeout")
             self.recent.record(answer_kind(response.llm_model))
             yield "done", _timed(response, started, role)
         finally:
             flight.listeners.remove(queue)
             flight.members -= 1
-            if flight.members == 0 and flight.cancel and not flight.result.done():
+            if flight.members == 0 and flight.cancel and not flight.result.done() and not flight.background:
                 flight.cancel()  # nobody is listening any more: free the slot
 
     def _launch(self, prepared: Prepared, *, background: bool = False, attempt: int = 0) -> Flight:
         """Register a flight for this state (identical requests join it) and start generating."""
-        flight = Flight(prepared, background=background, attempt=attempt)
+        flight = Flight(prepared, background=background, attempt=attempt, created=time.monotonic())
         flight.result = asyncio.get_running_loop().create_future()
         self._flights[prepared.key] = flight
         flight.runner = asyncio.create_task(self._fly(flight))
@@ -321,7 +333,8 @@ class TeacherService:
             if not flight.result.done():
                 flight.result.set_result(self._fallback(flight.prepared, "fallback-error"))
         finally:
-            self._flights.pop(flight.prepared.key, None)
+            if self._flights.get(flight.prepared.key) is flight:
+                del self._flights[flight.prepared.key]
 
     # --- backfill (event loop) ----------------------------------------------------------------
     def start_backfill(self) -> None:
@@ -392,9 +405,10 @@ class TeacherService:
         """Cancel background generations nobody has joined, and give their slots a moment to free."""
         pending = []
         for flight in list(self._flights.values()):
-            if flight.background and flight.members == 0 and flight.cancel is not None:
-                flight.preempted = True
-                flight.cancel()
+            if flight.background and flight.members == 0 and not flight.preempted:
+                flight.preempted = True  # one not yet submitted stops before it is
+                if flight.cancel is not None:
+                    flight.cancel()
                 assert flight.result is not None
                 pending.append(flight.result)
         if pending:
@@ -413,13 +427,17 @@ class TeacherService:
             await self._preempt_backfill()  # a student asking now goes before the backfill
         first_token_s, per_token_s = engine.estimate(len(prepared.prompt))
         # as many tokens as fit in what is left of the budget, never more than configured
-        affordable = int((ANSWER_SHARE * self.config.budget_s - first_token_s) / max(per_token_s, 1e-3))
+        left_s = ANSWER_SHARE * self.config.budget_s - (time.monotonic() - flight.created)
+        affordable = int((left_s - first_token_s) / max(per_token_s, 1e-3))
         late = first_token_s > self.config.admit_share * self.config.budget_s
         short = math.isfinite(self.config.admit_share) and affordable < ADMIT_MIN_TOKENS
         # an idle engine always takes the request: estimates from a busy spell must not lock it out
         if not engine.idle and (late or short) and not flight.background:
             return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
         max_new = min(self.config.max_new_tokens, max(MIN_ANSWER_TOKENS, affordable))
+        budget_s = self.config.budget_s
+        if flight.background:
+            max_new, budget_s = self.config.max_new_tokens, BACKFILL_BUDGET_FACTOR * budget_s
         events: asyncio.Queue[Any] = asyncio.Queue()
         task = GenerationTask(
             prompt=prepared.prompt,
@@ -427,10 +445,12 @@ class TeacherService:
             grammar=ANSWER_GRAMMAR,
             params=self.config.sampling,
             # the engine wraps the answer up before the budget rather than letting it time out
-            deadline=time.monotonic() + ANSWER_SHARE * self.config.budget_s,
+            deadline=flight.created + ANSWER_SHARE * budget_s,
             **answer_budget(max_new),
         )
         flight.cancel = task.cancel.set
+        if flight.preempted:  # a student asked before this backfill reached the engine
+            return self._fallback(prepared, "fallback-busy")
         try:
             llm.engine.submit(task)
         except EngineBusy:
@@ -442,10 +462,10 @@ class TeacherService:
             return self._fallback(prepared, "fallback-error")
         tracker = SectionTracker()
         # the fallback must reach the student within the budget, not just leave this coroutine
-        deadline = loop.time() + self.config.budget_s - DELIVERY_MARGIN_S
+        deadline = flight.created + budget_s - DELIVERY_MARGIN_S
         while True:
             try:
-                event = await asyncio.wait_for(events.get(), max(0.0, deadline - loop.time()))
+                event = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 task.cancel.set()  # the worker frees the slot at its next step
                 return self._fallback(prepared, "fallback-timeout")

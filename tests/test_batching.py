@@ -10,7 +10,7 @@ import pytest
 
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
-from pulmomed_edge.engine.batching import BatchPlan
+from pulmomed_edge.engine.batching import ROW_COST_SHARE, BatchPlan, StepCost
 from pulmomed_edge.engine.chat import ChatTemplate
 from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
 from pulmomed_edge.engine.scheduler import _pack
@@ -122,3 +122,20 @@ def test_decode_rows_are_packed_evenly_and_in_order():
     assert [sum(n for _, n in g) for g in groups] == [4, 4]
     assert groups == [[(a, 1), (b, 3)], [(b, 2), (c, 2)]]
     assert _pack([], 7) == [] and len(_pack([(a, 1)] * 8, 7)) == 2
+
+
+def test_step_cost_learns_call_costs_by_row_count_and_fills_the_gaps():
+    cost = StepCost(lone_s=0.05)
+    # nothing seen: a lone row's default, each extra row a share of it
+    assert cost.predict(1) == pytest.approx(0.05)
+    assert cost.predict(3) == pytest.approx(0.05 * (1 + 2 * ROW_COST_SHARE))
+    cost.observe(1, 0.040)
+    cost.observe(8, 0.200)
+    assert cost.predict(1) == pytest.approx(0.040)
+    assert cost.predict(4) == pytest.approx(0.040 + 3 / 7 * 0.160)  # between the two seen
+    # beyond the largest seen: that call's lone-row equivalent, plus the share per extra row
+    lone = 0.200 / (1 + 7 * ROW_COST_SHARE)
+    assert cost.predict(16) == pytest.approx(lone * (1 + 15 * ROW_COST_SHARE))
+    cost.observe(8, 0.300)  # a moving average, not the last value
+    assert 0.200 < cost.predict(8) < 0.300
+    assert cost.as_dict() == {"1": 0.04, "8": round(0.8 * 0.2 + 0.2 * 0.3, 4)}

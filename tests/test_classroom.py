@@ -355,9 +355,11 @@ def _bench(settings, tmp_path, *args: str) -> tuple[subprocess.CompletedProcess,
 
 def test_bench_short_mode_completes_and_reports(settings, tmp_path):
     args = ("--spawn", "--headsets", "4", "--requests", "1", "--max-tokens", "32", "--stream")
-    proc, report = _bench(settings, tmp_path, *args)
+    proc, report = _bench(settings, tmp_path, *args, "--repeat-after", "0.5")
     ours = report["pulmomed"]
-    assert ours["requests"] == 4
+    assert ours["requests"] == 8 and ours["asked_again"]["requests"] == 4
+    assert "asked again" in proc.stdout
+    assert {"backfill_started", "backfill_answered"} <= ours.keys()
     assert {
         "ttft_s",
         "e2e_s",

@@ -12,6 +12,7 @@ call_soon_threadsafe). Nothing else ever touches the context.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .batching import BatchPlan
+from .batching import BatchPlan, StepCost
 from .runtime import LlamaRuntime, Utf8Stream
 from .sampling import GrammarRejected, SamplingParams, SequenceSampler
 
@@ -209,6 +210,7 @@ class GenerationEngine:
         # measured speeds for admission: prompt tokens/s, and seconds per decode-only step
         self.prefill_rate = 80.0
         self.decode_step_s = 0.05  # decode-only steps
+        self.step_cost = StepCost()  # decode-only calls by row count: what admission plans with
         self.token_interval_s = 0.05  # any step that decodes: what a streaming student waits per token
         self.counters = {
             "generations": 0,
@@ -264,13 +266,22 @@ class GenerationEngine:
         return queued == 0 and not any(s.busy for s in self.slots)
 
     def estimate(self, prompt_tokens: int) -> tuple[float, float]:
-        """(seconds until a new task's first token, seconds per token it then decodes)."""
+        """(seconds until a new task's first token, seconds per token it then decodes).
+
+        The prompts ahead of it and its own are evaluated a chunk per step, and each of those
+        steps also carries the students already writing; afterwards it decodes in steps shared
+        with everyone admitted so far (who, in a burst, are all still to start writing)."""
         unique = max(0, prompt_tokens - len(self._warm_prefix))
-        first_token = (self.backlog_tokens() + unique) / max(1.0, self.prefill_rate)
-        busy = sum(1 for s in self.slots if s.busy)
-        # one more sequence makes every step a little longer; recent steps include prompt chunks
-        per_token = max(self.token_interval_s, self.decode_step_s) * (1 + 1 / (busy + 1))
-        return first_token, per_token
+        backlog = self.backlog_tokens() + unique
+        with self._cv:
+            queued = len(self._queue)
+        busy = [s for s in self.slots if s.busy]
+        writing = sum(1 for s in busy if not s.in_prompt)
+        first_token = backlog / max(1.0, self.prefill_rate)
+        if writing:
+            first_token += math.ceil(backlog / self.plan.chunk) * self.step_cost.predict(writing)
+        together = min(len(self.slots), len(busy) + queued + 1)
+        return first_token, self.step_cost.predict(together)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
@@ -429,6 +440,7 @@ class GenerationEngine:
                 prompt_s += max(1e-3, seconds - (self.decode_step_s if len(entries) > in_prompt else 0.0))
             else:
                 decode_s += seconds
+                self.step_cost.observe(len(entries), seconds)
             decode_rows += len(entries) - in_prompt
             if rc != 0:
                 log.error("llama_decode returned %s for %d tokens", rc, len(entries))

@@ -166,6 +166,7 @@ def health_body(state: ServerState) -> dict[str, Any]:
     if state.engine is not None:
         components["llm"]["engine"] = state.engine.stats()
         components["llm"]["batch_plan"] = state.engine.plan.as_dict()
+        components["llm"]["step_s_by_rows"] = state.engine.step_cost.as_dict()
     body: dict[str, Any] = {
         "status": state.status,
         "version": __version__,
