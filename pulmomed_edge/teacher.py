@@ -431,8 +431,12 @@ class TeacherService:
         affordable = int((left_s - first_token_s) / max(per_token_s, 1e-3))
         late = first_token_s > self.config.admit_share * self.config.budget_s
         short = math.isfinite(self.config.admit_share) and affordable < ADMIT_MIN_TOKENS
-        # an idle engine always takes the request: estimates from a busy spell must not lock it out
-        if not engine.idle and (late or short) and not flight.background:
+        # an idle engine always takes the request: estimates from a busy spell must not lock it out;
+        # nor may a new student make the answers already running miss their budget
+        # (answers wrap up from ANSWER_SHARE of their budget; what matters is the budget itself)
+        grace_s = (1 - ANSWER_SHARE) * self.config.budget_s - DELIVERY_MARGIN_S
+        crowding = not flight.background and engine.crowds(len(prepared.prompt), grace_s)
+        if not engine.idle and (late or short or crowding) and not flight.background:
             return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
         max_new = min(self.config.max_new_tokens, max(MIN_ANSWER_TOKENS, affordable))
         budget_s = self.config.budget_s

@@ -13,7 +13,7 @@ import time
 
 from conftest import Served, start_server, with_settings
 
-from pulmomed_edge.engine import DoneEvent, GenerationTask, SamplingParams
+from pulmomed_edge.engine import DoneEvent, ErrorEvent, GenerationTask, SamplingParams, TextEvent
 from pulmomed_edge.engine.scheduler import common_prefix
 from pulmomed_edge.http.middlewares import RateLimiter
 from pulmomed_edge.prompts import ANSWER_GRAMMAR, EXPLANATION_LABEL, SECTION_MARKER, SYSTEM_PROMPT
@@ -378,6 +378,40 @@ def test_bench_invariance_mode_reports_how_many_answers_match(settings, tmp_path
     found = report["invariance"]
     assert found["prompts"] == 3 and 0 <= found["identical"] <= 3
     assert len(found["differ"]) == 3 - found["identical"]
+
+
+async def test_admission_refuses_a_student_who_would_make_running_answers_late(served):
+    engine = served.state.engine
+    llm = served.state.teacher.llm
+    await wait_idle(engine)
+    question = "Paciente: 66 años, estadio IIIA."
+    prompt = llm.tokenize(llm.template.render(SYSTEM_PROMPT, question, EXPLANATION_LABEL))
+    writing, finished = threading.Event(), threading.Event()
+
+    def sink(event: object) -> None:
+        if isinstance(event, TextEvent):
+            writing.set()
+        elif isinstance(event, DoneEvent | ErrorEvent):
+            finished.set()
+
+    task = GenerationTask(
+        prompt=prompt,
+        sink=sink,
+        grammar=ANSWER_GRAMMAR,
+        deadline=time.monotonic() + 3600,
+        **answer_budget(160),
+    )
+    engine.submit(task)
+    try:
+        assert await asyncio.to_thread(writing.wait, 60)
+        assert not engine.crowds(len(prompt))  # an hour to spare
+        task.deadline = time.monotonic() + 0.05  # about due: no room for anyone's prompt
+        assert engine.crowds(len(prompt))
+        task.deadline = None  # no budget, nothing to protect
+        assert not engine.crowds(len(prompt))
+    finally:
+        task.cancel.set()
+        await asyncio.to_thread(finished.wait, 60)
 
 
 async def test_a_near_deadline_ends_each_section_at_a_sentence_with_both_sections(served):

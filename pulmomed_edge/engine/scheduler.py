@@ -283,6 +283,39 @@ class GenerationEngine:
         together = min(len(self.slots), len(busy) + queued + 1)
         return first_token, self.step_cost.predict(together)
 
+    def crowds(self, prompt_tokens: int, grace_s: float = 0.0) -> bool:
+        """Whether a new task of this prompt size, started now, would push an answer already
+        running more than grace_s past its deadline: each running answer still needs its prompt
+        and about a short sentence per remaining section, and every step gets longer with one
+        more student."""
+        new_prompt_s = max(0, prompt_tokens - len(self._warm_prefix)) / max(1.0, self.prefill_rate)
+        with self._cv:
+            queued = len(self._queue)
+        busy = [s for s in self.slots if s.busy and s.task is not None]
+        step = self.step_cost.predict(min(len(self.slots), len(busy) + queued + 1))
+        now = time.monotonic()
+        for slot in busy:
+            task = slot.task
+            if task is None or task.deadline is None:
+                continue
+            prompt_s = (len(slot.pending) if slot.in_prompt else 0) / max(1.0, self.prefill_rate)
+            spare = task.deadline + grace_s - now - prompt_s - self._tokens_to_finish(slot) * step
+            if spare < new_prompt_s:
+                return True
+        return False
+
+    def _tokens_to_finish(self, slot: _Slot) -> int:
+        """About the fewest tokens this answer can still end with: each section left gets its
+        minimum and then the end of a sentence."""
+        task = slot.task
+        assert task is not None
+        phases = task.phases or (Phase(task.max_new_tokens, task.max_new_tokens),)
+        into = slot.new_tokens - slot.phase_start_tokens
+        sentence = WRAP_UP_TOKENS // 2
+        need = max(0, MIN_SECTION_TOKENS - into) + sentence
+        need += sum(MIN_SECTION_TOKENS + sentence + 4 for _ in phases[slot.phase + 1 :])  # 4: label
+        return min(need, task.max_new_tokens - slot.new_tokens)
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._stopping = True
