@@ -380,12 +380,16 @@ def test_bench_invariance_mode_reports_how_many_answers_match(settings, tmp_path
     assert len(found["differ"]) == 3 - found["identical"]
 
 
-async def test_admission_refuses_a_student_who_would_make_running_answers_late(served):
+async def _idle_engine_and_prompt(served, question: str):
+    """The served engine once idle, and the teacher's prompt for a one-line question."""
     engine = served.state.engine
     llm = served.state.teacher.llm
     await wait_idle(engine)
-    question = "Paciente: 66 años, estadio IIIA."
-    prompt = llm.tokenize(llm.template.render(SYSTEM_PROMPT, question, EXPLANATION_LABEL))
+    return engine, llm.tokenize(llm.template.render(SYSTEM_PROMPT, question, EXPLANATION_LABEL))
+
+
+async def test_admission_refuses_a_student_who_would_make_running_answers_late(served):
+    engine, prompt = await _idle_engine_and_prompt(served, "Paciente: 66 años, estadio IIIA.")
     writing, finished = threading.Event(), threading.Event()
 
     def sink(event: object) -> None:
@@ -415,11 +419,7 @@ async def test_admission_refuses_a_student_who_would_make_running_answers_late(s
 
 
 async def test_a_near_deadline_ends_each_section_at_a_sentence_with_both_sections(served):
-    engine = served.state.engine
-    llm = served.state.teacher.llm
-    await wait_idle(engine)
-    question = "Paciente: 58 años, estadio IA."
-    prompt = llm.tokenize(llm.template.render(SYSTEM_PROMPT, question, EXPLANATION_LABEL))
+    engine, prompt = await _idle_engine_and_prompt(served, "Paciente: 58 años, estadio IA.")
 
     def run(deadline: float | None) -> DoneEvent:
         task = {"grammar": ANSWER_GRAMMAR, "deadline": deadline, **answer_budget(160)}
