@@ -207,9 +207,8 @@ class GenerationEngine:
         newline_tokens = [t for t in range(runtime.n_vocab) if b"\n" in runtime.piece(t)]
         self._no_new_line = dict.fromkeys(newline_tokens, -30.0)
         self.failure: str | None = None
-        # measured speeds for admission: prompt tokens/s, and seconds per decode-only step
+        # measured speeds for admission: prompt tokens/s, and the cost of decode calls
         self.prefill_rate = 80.0
-        self.decode_step_s = 0.05  # decode-only steps
         self.step_cost = StepCost()  # decode-only calls by row count: what admission plans with
         self.token_interval_s = 0.05  # any step that decodes: what a streaming student waits per token
         self.counters = {
@@ -453,7 +452,7 @@ class GenerationEngine:
             calls = ([prompt_part] if prompt_part else []) + _pack(rows, plan.decode_rows)
         step_started = time.monotonic()
         self.counters["decode_steps"] += 1
-        decode_s = prompt_s = 0.0
+        prompt_s = 0.0
         decode_rows = prompt_rows = 0
         for parts in calls:
             entries: list[tuple[int, int, int, bool]] = []
@@ -470,9 +469,12 @@ class GenerationEngine:
             seconds = time.monotonic() - started
             if in_prompt:
                 prompt_rows += in_prompt
-                prompt_s += max(1e-3, seconds - (self.decode_step_s if len(entries) > in_prompt else 0.0))
+                # the decode rows sharing the call cost about what they would alone
+                decode_share = (
+                    self.step_cost.predict(len(entries) - in_prompt) if len(entries) > in_prompt else 0
+                )
+                prompt_s += max(1e-3, seconds - decode_share)
             else:
-                decode_s += seconds
                 self.step_cost.observe(len(entries), seconds)
             decode_rows += len(entries) - in_prompt
             if rc != 0:
@@ -485,7 +487,7 @@ class GenerationEngine:
                 del slot.pending[:n]
                 if not slot.pending:
                     self._sample(slot, first + n - 1)
-        self._measure(time.monotonic() - step_started, decode_s, decode_rows, prompt_s, prompt_rows)
+        self._measure(time.monotonic() - step_started, decode_rows, prompt_s, prompt_rows)
 
     def _reusable(self, source: _Slot, prompt: list[int]) -> int:
         """How much of prompt source's evaluated prompt cells can serve: the whole common prefix,
@@ -516,14 +518,11 @@ class GenerationEngine:
         self.counters["reused_tokens"] += n
         self.counters["prompt_tokens"] -= n
 
-    def _measure(
-        self, step_s: float, decode_s: float, decode_tokens: int, prompt_s: float, prompt_tokens: int
-    ) -> None:
-        """Moving averages of decode-step time and prompt throughput, for admission."""
+    def _measure(self, step_s: float, decode_tokens: int, prompt_s: float, prompt_tokens: int) -> None:
+        """Moving averages of the time between a streaming student's tokens and of prompt
+        throughput, for admission and deadlines (decode calls are learned by StepCost)."""
         if decode_tokens:
             self.token_interval_s = 0.9 * self.token_interval_s + 0.1 * step_s
-        if decode_s > 0:
-            self.decode_step_s = 0.9 * self.decode_step_s + 0.1 * decode_s
         if prompt_tokens >= 16:
             self.prefill_rate = 0.9 * self.prefill_rate + 0.1 * (prompt_tokens / max(1e-3, prompt_s))
 
