@@ -70,6 +70,12 @@ def add_bench_parser(sub: Any) -> None:
     )
     b.add_argument("--seed", type=int, default=1)
     b.add_argument("--json", type=Path, default=None, help="write the results here")
+    b.add_argument(
+        "--save-answers",
+        type=Path,
+        default=None,
+        help="write every state asked and the answer it got here (JSON lines), for reading them",
+    )
     b.set_defaults(func=run)
 
 
@@ -133,6 +139,8 @@ class Outcome:
     cut: bool = False
     error: str = ""
     repeat: bool = False  # asked again after --repeat-after
+    state: dict | None = None  # what was asked and what came back (for --save-answers)
+    answer: dict | None = None
 
 
 def is_cut(answer: dict) -> bool:
@@ -155,7 +163,15 @@ async def _ask(session: Any, base: str, body: dict, stream: bool, headset: int) 
                 if resp.status != 200:
                     return Outcome(headset, resp.status, elapsed, None, error=str(data.get("error", "")))
                 return Outcome(
-                    headset, 200, elapsed, elapsed, data["llm_model"], data.get("cache", ""), is_cut(data)
+                    headset,
+                    200,
+                    elapsed,
+                    elapsed,
+                    data["llm_model"],
+                    data.get("cache", ""),
+                    is_cut(data),
+                    state=body,
+                    answer=data,
                 )
         async with session.post(base + API + "/stream", json=body) as resp:
             if resp.status != 200:
@@ -185,6 +201,8 @@ async def _ask(session: Any, base: str, body: dict, stream: bool, headset: int) 
                 final["llm_model"],
                 final.get("cache", ""),
                 is_cut(final),
+                state=body,
+                answer=final,
             )
     except Exception as exc:
         return Outcome(headset, 0, time.perf_counter() - started, None, error=f"{type(exc).__name__}: {exc}")
@@ -378,11 +396,23 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
     # (included in generations and new tokens), and those that finished (a student preempts them)
     for name in ("started", "answered"):
         summary[f"backfill_{name}"] = _backfill(after, name) - _backfill(before, name)
+    if args.save_answers:
+        save_answers(args.save_answers, outcomes)
     repeats = [o for o in outcomes if o.repeat]
     if repeats:
         again = summarize(repeats, wall, 0, 0)
         summary["asked_again"] = {k: again[k] for k in ("requests", "errors", "by_llm_model", "cache_hits")}
     return summary
+
+
+def save_answers(path: Path, outcomes: list[Outcome]) -> None:
+    """One JSON line per answered request: the headset, the state it sent and the answer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for o in outcomes:
+            if o.answer is not None:
+                row = {"headset": o.headset, "repeat": o.repeat, "state": o.state, "answer": o.answer}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _backfill(health: dict, counter: str) -> int:

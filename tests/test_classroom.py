@@ -355,9 +355,13 @@ def _bench(settings, tmp_path, *args: str) -> tuple[subprocess.CompletedProcess,
 
 def test_bench_short_mode_completes_and_reports(settings, tmp_path):
     args = ("--spawn", "--headsets", "4", "--requests", "1", "--max-tokens", "32", "--stream")
-    proc, report = _bench(settings, tmp_path, *args, "--repeat-after", "0.5")
+    answers = tmp_path / "answers.jsonl"
+    proc, report = _bench(settings, tmp_path, *args, "--repeat-after", "0.5", "--save-answers", str(answers))
     ours = report["pulmomed"]
     assert ours["requests"] == 8 and ours["asked_again"]["requests"] == 4
+    rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 8 and sum(r["repeat"] for r in rows) == 4
+    assert all(r["state"] and r["answer"]["explicacion"] and r["answer"]["recomendacion"] for r in rows)
     assert "asked again" in proc.stdout
     assert {"backfill_started", "backfill_answered"} <= ours.keys()
     assert {
