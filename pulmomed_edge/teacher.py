@@ -349,9 +349,7 @@ class TeacherService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._backfiller
             self._backfiller = None
-        for flight in list(self._flights.values()):
-            if flight.background and flight.cancel is not None:
-                flight.cancel()
+        self._cancel_backfills(joined_too=True)
 
     def backfill_stats(self) -> dict[str, int]:
         running = sum(1 for f in self._flights.values() if f.background)
@@ -403,16 +401,21 @@ class TeacherService:
 
     async def _preempt_backfill(self) -> None:
         """Cancel background generations nobody has joined, and give their slots a moment to free."""
+        pending = self._cancel_backfills(joined_too=False)
+        if pending:
+            await asyncio.wait(pending, timeout=PREEMPT_WAIT_S)
+
+    def _cancel_backfills(self, *, joined_too: bool) -> list[asyncio.Future[TeacherResponse]]:
+        """Cancel running backfills (those a student joined only if asked); their results."""
         pending = []
         for flight in list(self._flights.values()):
-            if flight.background and flight.members == 0 and not flight.preempted:
+            if flight.background and (joined_too or flight.members == 0) and not flight.preempted:
                 flight.preempted = True  # one not yet submitted stops before it is
                 if flight.cancel is not None:
                     flight.cancel()
                 assert flight.result is not None
                 pending.append(flight.result)
-        if pending:
-            await asyncio.wait(pending, timeout=PREEMPT_WAIT_S)
+        return pending
 
     async def _generate(self, flight: Flight) -> TeacherResponse:
         prepared = flight.prepared
@@ -423,25 +426,25 @@ class TeacherService:
             return self._fallback(prepared, "fallback-no-grounding")
         loop = asyncio.get_running_loop()
         engine = llm.engine
+        # nobody waits on a backfill: it is started only on an idle engine and writes in full
+        max_new, budget_s = self.config.max_new_tokens, BACKFILL_BUDGET_FACTOR * self.config.budget_s
         if not flight.background:
             await self._preempt_backfill()  # a student asking now goes before the backfill
-        first_token_s, per_token_s = engine.estimate(len(prepared.prompt))
-        # as many tokens as fit in what is left of the budget, never more than configured
-        left_s = ANSWER_SHARE * self.config.budget_s - (time.monotonic() - flight.created)
-        affordable = int((left_s - first_token_s) / max(per_token_s, 1e-3))
-        late = first_token_s > self.config.admit_share * self.config.budget_s
-        short = math.isfinite(self.config.admit_share) and affordable < ADMIT_MIN_TOKENS
-        # an idle engine always takes the request: estimates from a busy spell must not lock it out;
-        # nor may a new student make the answers already running miss their budget
-        # (answers wrap up from ANSWER_SHARE of their budget; what matters is the budget itself)
-        grace_s = (1 - ANSWER_SHARE) * self.config.budget_s - DELIVERY_MARGIN_S
-        crowding = not flight.background and engine.crowds(len(prepared.prompt), grace_s)
-        if not engine.idle and (late or short or crowding) and not flight.background:
-            return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
-        max_new = min(self.config.max_new_tokens, max(MIN_ANSWER_TOKENS, affordable))
-        budget_s = self.config.budget_s
-        if flight.background:
-            max_new, budget_s = self.config.max_new_tokens, BACKFILL_BUDGET_FACTOR * budget_s
+            budget_s = self.config.budget_s
+            first_token_s, per_token_s = engine.estimate(len(prepared.prompt))
+            # as many tokens as fit in what is left of the budget, never more than configured
+            left_s = ANSWER_SHARE * budget_s - (time.monotonic() - flight.created)
+            affordable = int((left_s - first_token_s) / max(per_token_s, 1e-3))
+            late = first_token_s > self.config.admit_share * budget_s
+            short = math.isfinite(self.config.admit_share) and affordable < ADMIT_MIN_TOKENS
+            # nor may a new student make the answers already running miss their budget (they wrap
+            # up from ANSWER_SHARE of it; what matters is the budget itself)
+            grace_s = (1 - ANSWER_SHARE) * budget_s - DELIVERY_MARGIN_S
+            # an idle engine always takes the request: estimates from a busy spell must not lock
+            # it out
+            if not engine.idle and (late or short or engine.crowds(len(prepared.prompt), grace_s)):
+                return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
+            max_new = min(max_new, max(MIN_ANSWER_TOKENS, affordable))
         events: asyncio.Queue[Any] = asyncio.Queue()
         task = GenerationTask(
             prompt=prepared.prompt,

@@ -270,17 +270,13 @@ class GenerationEngine:
         The prompts ahead of it and its own are evaluated a chunk per step, and each of those
         steps also carries the students already writing; afterwards it decodes in steps shared
         with everyone admitted so far (who, in a burst, are all still to start writing)."""
-        unique = max(0, prompt_tokens - len(self._warm_prefix))
-        backlog = self.backlog_tokens() + unique
-        with self._cv:
-            queued = len(self._queue)
-        busy = [s for s in self.slots if s.busy]
+        backlog = self.backlog_tokens() + max(0, prompt_tokens - len(self._warm_prefix))
+        busy, step_s = self._with_one_more()
         writing = sum(1 for s in busy if not s.in_prompt)
         first_token = backlog / max(1.0, self.prefill_rate)
         if writing:
             first_token += math.ceil(backlog / self.plan.chunk) * self.step_cost.predict(writing)
-        together = min(len(self.slots), len(busy) + queued + 1)
-        return first_token, self.step_cost.predict(together)
+        return first_token, step_s
 
     def crowds(self, prompt_tokens: int, grace_s: float = 0.0) -> bool:
         """Whether a new task of this prompt size, started now, would push an answer already
@@ -288,20 +284,25 @@ class GenerationEngine:
         and about a short sentence per remaining section, and every step gets longer with one
         more student."""
         new_prompt_s = max(0, prompt_tokens - len(self._warm_prefix)) / max(1.0, self.prefill_rate)
-        with self._cv:
-            queued = len(self._queue)
-        busy = [s for s in self.slots if s.busy and s.task is not None]
-        step = self.step_cost.predict(min(len(self.slots), len(busy) + queued + 1))
+        busy, step_s = self._with_one_more()
         now = time.monotonic()
         for slot in busy:
             task = slot.task
             if task is None or task.deadline is None:
                 continue
             prompt_s = (len(slot.pending) if slot.in_prompt else 0) / max(1.0, self.prefill_rate)
-            spare = task.deadline + grace_s - now - prompt_s - self._tokens_to_finish(slot) * step
+            spare = task.deadline + grace_s - now - prompt_s - self._tokens_to_finish(slot) * step_s
             if spare < new_prompt_s:
                 return True
         return False
+
+    def _with_one_more(self) -> tuple[list[_Slot], float]:
+        """The busy slots, and what a decode step will cost once they, the queued tasks and one
+        more all decode together."""
+        with self._cv:
+            queued = len(self._queue)
+        busy = [s for s in self.slots if s.busy]
+        return busy, self.step_cost.predict(min(len(self.slots), len(busy) + queued + 1))
 
     def _tokens_to_finish(self, slot: _Slot) -> int:
         """About the fewest tokens this answer can still end with: each section left gets its
@@ -312,7 +313,7 @@ class GenerationEngine:
         into = slot.new_tokens - slot.phase_start_tokens
         sentence = WRAP_UP_TOKENS // 2
         need = max(0, MIN_SECTION_TOKENS - into) + sentence
-        need += sum(MIN_SECTION_TOKENS + sentence + 4 for _ in phases[slot.phase + 1 :])  # 4: label
+        need += len(phases[slot.phase + 1 :]) * (MIN_SECTION_TOKENS + sentence + 4)  # 4: its label
         return min(need, task.max_new_tokens - slot.new_tokens)
 
     def stop(self, timeout: float = 10.0) -> None:
