@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -112,12 +113,21 @@ async def wait_ready(server: TestServer, session: ClientSession, timeout: float 
         await asyncio.sleep(0.1)
 
 
+@contextlib.asynccontextmanager
+async def own_server(settings: Settings, *, wait: bool = True) -> AsyncIterator[Served]:
+    """A server of a test's own (other settings than the shared one), closed afterwards."""
+    server, session = await start_server(settings, wait=wait)
+    try:
+        yield Served(server, session)
+    finally:
+        await session.close()
+        await server.close()
+
+
 @pytest.fixture(scope="session")
 async def served(settings: Settings) -> AsyncIterator[Served]:
-    server, session = await start_server(settings)
-    yield Served(server, session)
-    await session.close()
-    await server.close()
+    async with own_server(settings) as shared:
+        yield shared
 
 
 @pytest.fixture

@@ -5,12 +5,12 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 
-from conftest import SEED, start_server, wait_ready
+from conftest import SEED, own_server, wait_ready
 
 
 async def test_health_is_503_starting_while_loading_then_200(settings):
-    server, session = await start_server(settings, wait=False)
-    try:
+    async with own_server(settings, wait=False) as served:
+        server, session = served.server, served.session
         async with session.get(server.make_url("/api/v1/health")) as resp:
             first = await resp.json()
         assert resp.status == 503 and first["status"] == "starting"
@@ -25,14 +25,11 @@ async def test_health_is_503_starting_while_loading_then_200(settings):
             assert resp.status == 200
             plan = (await resp.json())["components"]["llm"]["batch_plan"]
         assert {"prefill_rows", "decode_rows"} <= plan.keys()
-    finally:
-        await session.close()
-        await server.close()
 
 
 async def test_unknown_model_answers_with_grounded_fallback_unavailable(settings):
-    server, session = await start_server(replace(settings, model="no-such-model"))
-    try:
+    async with own_server(replace(settings, model="no-such-model")) as served:
+        server, session = served.server, served.session
         async with session.get(server.make_url("/api/v1/health")) as resp:
             health = await resp.json()
         assert resp.status == 503 and health["status"] == "degraded"
@@ -43,17 +40,14 @@ async def test_unknown_model_answers_with_grounded_fallback_unavailable(settings
         assert resp.status == 200
         assert body["llm_model"] == "fallback-unavailable" == body["model_used"]
         assert body["fuentes"] and body["explicacion"] and body["recomendacion"]
-    finally:
-        await session.close()
-        await server.close()
 
 
 async def test_corrupt_index_is_named_with_its_fix(settings, tmp_path):
     broken = tmp_path / "index"
     shutil.copytree(settings.index_dir, broken)
     (broken / "index.bin").write_bytes(b"not an index")
-    server, session = await start_server(replace(settings, index_dir=broken))
-    try:
+    async with own_server(replace(settings, index_dir=broken)) as served:
+        server, session = served.server, served.session
         async with session.get(server.make_url("/api/v1/health")) as resp:
             health = await resp.json()
         assert resp.status == 503 and health["status"] == "degraded"
@@ -62,6 +56,3 @@ async def test_corrupt_index_is_named_with_its_fix(settings, tmp_path):
         async with session.post(server.make_url("/api/v1/consultar_profesor"), json=SEED) as resp:
             body = await resp.json()
         assert resp.status == 503 and "componentes" in body
-    finally:
-        await session.close()
-        await server.close()
