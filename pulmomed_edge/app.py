@@ -168,6 +168,7 @@ async def load_components(state: ServerState) -> None:
                 top_k_passages=settings.top_k_passages,
                 max_prompt_tokens=settings.max_prompt_tokens,
                 backfill=settings.backfill,
+                grounding=settings.grounding,
             ),
             llm=llm,
         )

@@ -83,6 +83,7 @@ class Settings:
     cache_ttl_s: float = 300.0
     rate_limit_per_min: int = 10
     backfill: bool = True  # answer busy spells' fallback states later, while the engine is idle
+    grounding: bool = True  # withhold answer sentences the sources do not support (grounding.py)
     max_body_bytes: int = 64 * 1024
     models_dir: Path = field(default_factory=default_models_dir)
     index_dir: Path = field(default_factory=default_index_dir)

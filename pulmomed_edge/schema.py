@@ -145,6 +145,8 @@ class TeacherResponse(BaseModel):
     estadio: str
     pasajes: list[str] = []
     cache: Literal["hit", "miss", "shared"] = "miss"
+    # sentences of the model's answer withheld because the sources do not support them
+    frases_retiradas: int = 0
 
 
 class FieldProblem(BaseModel):

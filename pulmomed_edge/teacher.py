@@ -36,14 +36,17 @@ from .engine import (
 from .engine.chat import ChatTemplate
 from .engine.scheduler import common_prefix
 from .extractive import extractive_sections
+from .grounding import ground_sections, support_of
 from .prompts import (
     ANSWER_GRAMMAR,
     SECTION_MARKER,
     SYSTEM_PROMPT,
+    PromptPassage,
     Sections,
     SectionTracker,
     render_prompt,
     split_sections,
+    user_message,
 )
 from .schema import SimulationState, TeacherResponse
 
@@ -141,6 +144,7 @@ class TeacherConfig:
     admit_share: float = 0.8
     sampling: SamplingParams = field(default_factory=SamplingParams)
     backfill: bool = True  # generate busy spells' fallback states later, when the engine is idle
+    grounding: bool = True  # withhold the model's sentences the sources do not support
 
 
 class TeacherService:
@@ -173,6 +177,8 @@ class TeacherService:
         self._backfiller: asyncio.Task[None] | None = None
         self.backfill_started = 0  # background generations started (preempted ones included)
         self.backfilled = 0  # answers generated in the background and cached
+        # model answers checked against their sources; those trimmed; sentences withheld
+        self.grounding = {"answers": 0, "trimmed": 0, "sentences": 0}
 
     # --- preparation (worker thread) -------------------------------------------------------
     def retrieve(self, state: CanonicalState, case: LibraryCase | None) -> list[PassageLike]:
@@ -489,11 +495,33 @@ class TeacherService:
                 if sections is None:
                     log.error("generation without both sections: %r", event.text[:200])
                     return self._fallback(prepared, "fallback-error")
-                return self._response(prepared, sections, llm.name)
+                return self._checked(prepared, sections, llm.name)
+
+    def support(self, prepared: Prepared) -> frozenset[str]:
+        """The terms the model was shown for this state: what its sentences may claim."""
+        # whole passages: a citation points to the source, not to the tightened excerpt
+        numbered = [PromptPassage(i + 1, p.texto) for i, p in enumerate(prepared.passages)]
+        return support_of([SYSTEM_PROMPT, user_message(numbered, prepared.state, prepared.case)])
+
+    def _checked(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
+        """The model's answer without the sentences its sources do not support."""
+        if not self.config.grounding:
+            return self._response(prepared, sections, model)
+        grounded = ground_sections(sections, self.support(prepared), self._extractive(prepared))
+        self.grounding["answers"] += 1
+        if grounded.withheld:
+            self.grounding["trimmed"] += 1
+            self.grounding["sentences"] += len(grounded.withheld)
+            log.info("withheld %d unsupported sentence(s): %s", len(grounded.withheld), grounded.withheld)
+        response = self._response(prepared, grounded.sections, model)
+        return response.model_copy(update={"frases_retiradas": len(grounded.withheld)})
+
+    def _extractive(self, prepared: Prepared) -> Sections:
+        numbered = [(i + 1, p.texto) for i, p in enumerate(prepared.passages)]
+        return extractive_sections(prepared.state, numbered)
 
     def _fallback(self, prepared: Prepared, reason: str) -> TeacherResponse:
-        numbered = [(i + 1, p.texto) for i, p in enumerate(prepared.passages)]
-        return self._response(prepared, extractive_sections(prepared.state, numbered), reason)
+        return self._response(prepared, self._extractive(prepared), reason)
 
     def _response(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
         return TeacherResponse(

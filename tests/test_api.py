@@ -310,6 +310,9 @@ def test_recent_answers_forget_what_left_the_window_and_warn_when_busy():
         "backfill": {"pending": 2, "answered": 5, "running": 1, "started": 9},
     }
     assert "5 listas, 2 en espera" in _activity_section(with_backfill)
+    assert "retiraron" not in _activity_section(with_backfill)
+    trimmed = {**with_backfill, "grounding": {"answers": 12, "trimmed": 3, "sentences": 4}}
+    assert "a 3 de 12 respuestas del modelo se les retiraron 4 frases" in _activity_section(trimmed)
 
 
 async def test_prompts_share_everything_but_the_student_and_lead_with_the_stage(served):

@@ -15,8 +15,16 @@ from conftest import own_server, with_settings
 
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
 from pulmomed_edge.engine.scheduler import common_prefix
+from pulmomed_edge.grounding import ground_sections
 from pulmomed_edge.http.middlewares import RateLimiter
-from pulmomed_edge.prompts import ANSWER_GRAMMAR, EXPLANATION_LABEL, SECTION_MARKER, SYSTEM_PROMPT
+from pulmomed_edge.prompts import (
+    ANSWER_GRAMMAR,
+    EXPLANATION_LABEL,
+    SECTION_MARKER,
+    SYSTEM_PROMPT,
+    split_sections,
+)
+from pulmomed_edge.schema import parse_state
 from pulmomed_edge.teacher import answer_budget
 
 API = "/api/v1/consultar_profesor"
@@ -82,9 +90,20 @@ async def test_stream_sends_meta_deltas_then_the_same_done_object(served):
     for name, data in events:
         if name == "delta":
             streamed[data["seccion"]] += data["texto"]
-    # the final answer is the streamed text, at most trimmed to whole sentences
-    assert streamed["explicacion"].strip().startswith(done["explicacion"][:-1].strip()[:40])
-    assert streamed["recomendacion"].strip()
+    # the final answer is the streamed text trimmed to whole sentences, without the sentences its
+    # sources do not support (a section left empty is the grounded fallback's)
+    teacher = served.state.teacher
+    prepared = teacher.prepared_if_known(parse_state(body, teacher.library.ids))
+    raw = split_sections(
+        "\n".join(["", streamed["explicacion"], "Recomendación: " + streamed["recomendacion"]])
+    )
+    assert raw is not None
+    grounded = ground_sections(raw, teacher.support(prepared), teacher._extractive(prepared))
+    assert (done["explicacion"], done["recomendacion"]) == (
+        grounded.sections.explicacion,
+        grounded.sections.recomendacion,
+    )
+    assert done["frases_retiradas"] == len(grounded.withheld)
     # and the non-streaming endpoint now serves the very same answer from the cache
     status, again = await post(served, body)
     assert status == 200 and again["cache"] == "hit"

@@ -174,7 +174,12 @@ def health_body(state: ServerState) -> dict[str, Any]:
         "components": components,
     }
     if state.teacher is not None:
-        body["activity"] = {**state.teacher.recent.summary(), "backfill": state.teacher.backfill_stats()}
+        teacher = state.teacher
+        body["activity"] = {
+            **teacher.recent.summary(),
+            "backfill": teacher.backfill_stats(),
+            "grounding": dict(teacher.grounding),
+        }
     return body
 
 

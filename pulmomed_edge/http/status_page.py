@@ -94,4 +94,11 @@ def _activity_section(activity: dict[str, Any] | None) -> str:
             f"recibieron un resumen: {backfill.get('answered', 0)} listas, "
             f"{backfill.get('pending', 0)} en espera; si se repiten, llegan al instante."
         )
+    grounding = activity.get("grounding") or {}
+    if grounding.get("trimmed"):
+        text += (
+            f" Desde el arranque, a {grounding['trimmed']} de {grounding.get('answers', 0)} respuestas "
+            f"del modelo se les retiraron {grounding.get('sentences', 0)} frases que las fuentes no "
+            "respaldan."
+        )
     return f"<h2>Actividad (últimos {minutes} minutos)</h2><p>{html.escape(text)}</p>{warning}"

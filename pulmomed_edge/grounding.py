@@ -1,0 +1,93 @@
+"""Withhold answer sentences the retrieved sources do not support.
+
+A small model restates the passages in its prompt well but, asked for advice the passages do not
+give, invents it ("medicamentos como azúcar o tetrabacter" for radiation esophagitis). Such
+sentences bring words that appear nowhere in what the model was shown. So each generated sentence
+is compared, term by term, with its support: the system prompt, the retrieved passages (whole, as
+the citations point to them), the case's goals and the student's state. A sentence with
+`MAX_NOVEL` or more terms found in none of them, and at least a quarter of its terms, is withheld;
+a section left empty is replaced by the grounded extractive section. Paraphrase with ordinary
+words passes (function words and discourse verbs are ignored), which is why the check is per
+sentence and needs two new terms, not one.
+
+This catches invention, not every error: a sentence built from the sources' own words can still
+misapply them (a stage read wrong, an adjuvant treatment for a case that does not need it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .lexical import stem, tokenize
+from .prompts import Sections
+
+MAX_NOVEL = 2  # unsupported terms that withhold a sentence…
+MIN_NOVEL_SHARE = 0.25  # …if they are also this share of its terms (a long paraphrase may pass)
+_MIN_TERM = 4  # shorter stems ("mas", "vez") carry no claim; numbers always count
+_CITATION = re.compile(r"\[\d+(?:\s*,\s*\d+)*\]")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+# Words an explanation uses to talk about the case rather than to claim something about it.
+_DISCOURSE_TEXT = """
+    encuentra encuentran encontrar describe describen descrito descrita considera consideran
+    considerar consideraria considerarian consideramos recomienda recomiendan recomendar
+    recomendado recomendada recomendacion utilizar utilizando utilizado utilizada uso usar usando
+    indica indican indicar incluye incluyen incluir estado actual actualmente aproximadamente
+    aproximado aproximada caso paciente pacientes simulado simulada simulacion importante
+    mientras debido traves parte dentro llamado llamada mediante respecto general generalmente
+    principal principalmente posible posibles necesario necesaria objetivo primero primera
+    segundo segunda explicacion ocurre ocurrir significa muestra muestran presenta presentan
+    corresponde corresponden relacion relacionado relacionada
+"""
+_DISCOURSE = frozenset(stem(w) for w in _DISCOURSE_TEXT.split())
+
+
+def terms(text: str) -> list[str]:
+    """The claim-bearing terms of a text: folded, stemmed, without function or discourse words."""
+    tokens = tokenize(_CITATION.sub(" ", text))
+    return [t for t in tokens if t.isdigit() or (len(t) >= _MIN_TERM and t not in _DISCOURSE)]
+
+
+def support_of(texts: Iterable[str]) -> frozenset[str]:
+    """Every term the model was shown (a term is supported if any of the texts has it)."""
+    found: set[str] = set()
+    for text in texts:
+        found.update(tokenize(text))
+    return frozenset(found)
+
+
+def novel_terms(sentence: str, support: frozenset[str]) -> list[str]:
+    """The sentence's terms that appear in none of the supporting texts, each once."""
+    return list(dict.fromkeys(t for t in terms(sentence) if t not in support))
+
+
+def unsupported(sentence: str, support: frozenset[str], *, max_novel: int = MAX_NOVEL) -> bool:
+    """Whether the sentence brings enough terms of its own to be withheld."""
+    novel = len(novel_terms(sentence, support))
+    return novel >= max_novel and novel >= MIN_NOVEL_SHARE * len(set(terms(sentence)))
+
+
+@dataclass(frozen=True)
+class Grounded:
+    sections: Sections
+    withheld: list[str]  # the sentences taken out, for the log and the reading panel
+
+
+def ground_sections(
+    answer: Sections, support: frozenset[str], fallback: Sections, *, max_novel: int = MAX_NOVEL
+) -> Grounded:
+    """The answer without unsupported sentences; an emptied section becomes the fallback's."""
+    withheld: list[str] = []
+    kept: dict[str, str] = {}
+    for name in ("explicacion", "recomendacion"):
+        sentences = [s for s in _SENTENCE_END.split(getattr(answer, name).strip()) if s]
+        good = []
+        for sentence in sentences:
+            if unsupported(sentence, support, max_novel=max_novel):
+                withheld.append(sentence)
+            else:
+                good.append(sentence)
+        kept[name] = " ".join(good) if good else getattr(fallback, name)
+    return Grounded(Sections(kept["explicacion"], kept["recomendacion"]), withheld)
