@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ API = "/api/v1/consultar_profesor"
 # the student-style questions the retrieval speed is measured on (shipped with the package)
 EVAL_QUERIES = Path(__file__).resolve().parent / "knowledge" / "eval_queries.jsonl"
 SENTENCE_END = (".", "!", "?", ".)", ".]")
+TRAILING_CITATION = re.compile(r"\s*\[\d+\]$")
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -141,12 +143,14 @@ class Outcome:
     repeat: bool = False  # asked again after --repeat-after
     state: dict | None = None  # what was asked and what came back (for --save-answers)
     answer: dict | None = None
+    streamed: dict | None = None  # the streamed text by section (done may withhold sentences of it)
 
 
 def is_cut(answer: dict) -> bool:
     """An answer missing a section, or with a section that stops mid-sentence."""
     for key in ("explicacion", "recomendacion"):
-        text = (answer.get(key) or "").strip()
+        # a citation may follow the full stop ("… de recaída. [1]", as the grounded sections end)
+        text = TRAILING_CITATION.sub("", (answer.get(key) or "").strip())
         if not text or not text.endswith(SENTENCE_END):
             return True
     return False
@@ -179,13 +183,16 @@ async def _ask(session: Any, base: str, body: dict, stream: bool, headset: int) 
                 return Outcome(headset, resp.status, time.perf_counter() - started, None, error=str(data))
             final: dict | None = None
             event = ""
+            streamed = {"explicacion": "", "recomendacion": ""}
             async for raw in resp.content:
                 line = raw.decode("utf-8").rstrip("\n")
                 if line.startswith("event: "):
                     event = line[7:]
                 elif line.startswith("data: "):
-                    if event == "delta" and ttft is None:
-                        ttft = time.perf_counter() - started
+                    if event == "delta":
+                        ttft = ttft or time.perf_counter() - started
+                        delta = json.loads(line[6:])
+                        streamed[delta["seccion"]] += delta["texto"]
                     elif event == "done":
                         final = json.loads(line[6:])
                     elif event == "error":
@@ -203,6 +210,7 @@ async def _ask(session: Any, base: str, body: dict, stream: bool, headset: int) 
                 is_cut(final),
                 state=body,
                 answer=final,
+                streamed=streamed if any(streamed.values()) else None,
             )
     except Exception as exc:
         return Outcome(headset, 0, time.perf_counter() - started, None, error=f"{type(exc).__name__}: {exc}")
@@ -262,6 +270,8 @@ def summarize(outcomes: list[Outcome], wall_s: float, new_tokens: int, generatio
         "errors": len(outcomes) - len(ok),
         "error_samples": sorted({o.error or str(o.status) for o in outcomes if o not in ok})[:5],
         "cut_answers": sum(o.cut for o in ok if not o.llm_model.startswith("fallback-")),
+        # model answers from which the grounding check withheld sentences (cache hits included)
+        "trimmed_answers": sum(bool(o.answer and o.answer.get("frases_retiradas")) for o in ok),
         "by_llm_model": by_model,
         "fallback_rate": round(fallbacks / len(ok), 4) if ok else None,
         "cache_hits": sum(o.cache == "hit" for o in ok),
@@ -412,6 +422,8 @@ def save_answers(path: Path, outcomes: list[Outcome]) -> None:
         for o in outcomes:
             if o.answer is not None:
                 row = {"headset": o.headset, "repeat": o.repeat, "state": o.state, "answer": o.answer}
+                if o.streamed is not None:
+                    row["streamed"] = o.streamed
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -544,6 +556,7 @@ def print_table(report: dict[str, Any]) -> None:
         ("requests", ("requests",)),
         ("errors", ("errors",)),
         ("cut answers", ("cut_answers",)),
+        ("trimmed answers", ("trimmed_answers",)),
         ("fallback rate", ("fallback_rate",)),
         ("generations", ("generations",)),
         ("backfill started", ("backfill_started",)),

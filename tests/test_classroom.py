@@ -373,8 +373,15 @@ def test_bench_short_mode_completes_and_reports(settings, tmp_path):
     rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 8 and sum(r["repeat"] for r in rows) == 4
     assert all(r["state"] and r["answer"]["explicacion"] and r["answer"]["recomendacion"] for r in rows)
+    # what was streamed is kept beside the checked answer of every answer the model wrote
+    written = [
+        r
+        for r in rows
+        if r["answer"]["cache"] != "hit" and not r["answer"]["llm_model"].startswith("fallback")
+    ]
+    assert all(r["streamed"]["explicacion"] for r in written)
     assert "asked again" in proc.stdout
-    assert {"backfill_started", "backfill_answered"} <= ours.keys()
+    assert {"backfill_started", "backfill_answered", "trimmed_answers"} <= ours.keys()
     assert {
         "ttft_s",
         "e2e_s",
