@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .extractive import sentences
 from .lexical import stem, tokenize
 from .prompts import Sections
 
@@ -27,7 +28,6 @@ MAX_NOVEL = 2  # unsupported terms that withhold a sentence…
 MIN_NOVEL_SHARE = 0.25  # …if they are also this share of its terms (a long paraphrase may pass)
 _MIN_TERM = 4  # shorter stems ("mas", "vez") carry no claim; numbers always count
 _CITATION = re.compile(r"\[\d+(?:\s*,\s*\d+)*\]")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 # Words an explanation uses to talk about the case rather than to claim something about it.
 _DISCOURSE_TEXT = """
@@ -82,9 +82,8 @@ def ground_sections(
     withheld: list[str] = []
     kept: dict[str, str] = {}
     for name in ("explicacion", "recomendacion"):
-        sentences = [s for s in _SENTENCE_END.split(getattr(answer, name).strip()) if s]
         good = []
-        for sentence in sentences:
+        for sentence in sentences(getattr(answer, name)):
             if unsupported(sentence, support, max_novel=max_novel):
                 withheld.append(sentence)
             else:
