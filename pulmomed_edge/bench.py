@@ -63,6 +63,11 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument("--identical", action="store_true", help="every headset sends the same request")
     b.add_argument("--no-source-ips", action="store_true", help="all headsets from 127.0.0.1")
     b.add_argument("--baseline", action="store_true", help="also run llama_cpp.server on the same prompts")
+    b.add_argument(
+        "--baseline-no-repack",
+        action="store_true",
+        help="the baseline loads its weights without llama.cpp's repacking, as our engine does",
+    )
     b.add_argument("--ceiling", action="store_true", help="also measure raw batched decode")
     b.add_argument("--retrieval", action="store_true", help="only retrieval speed + index build")
     b.add_argument(

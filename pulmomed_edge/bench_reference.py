@@ -98,6 +98,22 @@ async def _complete(
     return ttft, time.perf_counter() - started, tokens, ""
 
 
+# llama-cpp-python's Llama takes its model parameters from this function at load time
+NO_REPACK = """
+import llama_cpp.llama_cpp as lib
+
+_default_params = lib.llama_model_default_params
+
+def _without_repack():
+    params = _default_params()
+    params.use_extra_bufts = False
+    return params
+
+lib.llama_model_default_params = _without_repack
+"""
+_NO_REPACK_SERVER = NO_REPACK + "from llama_cpp.server.__main__ import main\nmain()\n"
+
+
 async def run_baseline(args: argparse.Namespace, plans: list[list[dict]]) -> dict[str, Any]:
     import random
 
@@ -109,10 +125,17 @@ async def run_baseline(args: argparse.Namespace, plans: list[list[dict]]) -> dic
     _, path = _model_path(args)
     port = _free_port()
     n_ctx = max(2048, args.max_tokens + 1024)
+    # llama.cpp repacks CPU weights by default and llama_cpp.server has no option against it; our
+    # engine does not repack (slower on this machine's Q4_K_M), so --baseline-no-repack asks the
+    # baseline to load its weights the same way, for a like-for-like comparison
+    launch = (
+        ["-c", _NO_REPACK_SERVER]
+        if getattr(args, "baseline_no_repack", False)
+        else ["-m", "llama_cpp.server"]
+    )
     cmd = [
         sys.executable,
-        "-m",
-        "llama_cpp.server",
+        *launch,
         "--model",
         str(path),
         "--host",

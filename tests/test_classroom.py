@@ -13,6 +13,7 @@ import time
 
 from conftest import own_server, with_settings
 
+from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
 from pulmomed_edge.engine.scheduler import common_prefix
 from pulmomed_edge.grounding import ground_sections
@@ -445,3 +446,22 @@ async def test_a_near_deadline_ends_each_section_at_a_sentence_with_both_section
     assert sep and explanation.rstrip().endswith((".", "!", "?"))
     assert recommendation.rstrip().endswith((".", "!", "?"))
     assert hurried.new_tokens < relaxed.new_tokens
+
+
+def test_baseline_without_repacking_loads_its_weights_like_our_engine(settings):
+    """--baseline-no-repack: llama-cpp-python's Llama, as llama_cpp.server builds it, then loads
+    the model without llama.cpp's repacked CPU weights (our runtime never repacks)."""
+    from pulmomed_edge.bench_reference import NO_REPACK
+    from pulmomed_edge.model_store import ModelStore
+
+    store = ModelStore(settings.models_dir, manifest_path())
+    path = store.verify(store.default_name("llm", test=True))
+    probe = "from llama_cpp import Llama\n"
+    probe += f"m = Llama(model_path={str(path)!r}, n_ctx=128, verbose=False)\n"
+    probe += "print(m.model_params.use_extra_bufts)\n"
+    default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    patched = subprocess.run(
+        [sys.executable, "-c", NO_REPACK + probe], capture_output=True, text=True, timeout=120
+    )
+    assert default.stdout.strip().splitlines()[-1] == "True", default.stderr[-1000:]
+    assert patched.stdout.strip().splitlines()[-1] == "False", patched.stderr[-1000:]
