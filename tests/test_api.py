@@ -266,6 +266,38 @@ async def test_unknown_route_is_json_404(served):
     assert resp.status == 404 and body["error"]
 
 
+async def test_grounding_check_trims_the_answer_and_counts_it_unless_turned_off(served):
+    """The teacher's own check on a real prepared state: an invented recommendation is replaced by
+    the grounded one and counted in health; with PULMOMED_GROUNDING=0 the answer is left alone."""
+    import dataclasses
+
+    from pulmomed_edge.prompts import Sections
+
+    teacher = served.state.teacher
+    state = parse_state(
+        {"age": 58, "pack_years": 40, "sensitive_tumor_volume": 30.0, "treatment": "radio"}, set()
+    )
+    prepared = await asyncio.to_thread(teacher.prepare, state)
+    first = prepared.passages[0].texto.split(". ")[0].rstrip(".") + " [1]."
+    invented = "El paciente debe tomar azúcar, vitaminas importadas y zumo de naranja cada mañana."
+    answer = Sections(explicacion=first, recomendacion=invented)
+    before = dict(teacher.grounding)
+    checked = teacher._checked(prepared, answer, "modelo-de-prueba")
+    assert checked.explicacion == first and checked.recomendacion != invented
+    assert checked.recomendacion == teacher._fallback(prepared, "x").recomendacion
+    assert checked.frases_retiradas == 1 and checked.llm_model == "modelo-de-prueba"
+    assert teacher.grounding["trimmed"] == before["trimmed"] + 1
+    async with served.session.get(served.url("/api/v1/health")) as resp:
+        assert (await resp.json())["activity"]["grounding"] == teacher.grounding
+    original = teacher.config
+    teacher.config = dataclasses.replace(original, grounding=False)
+    try:
+        unchecked = teacher._checked(prepared, answer, "modelo-de-prueba")
+    finally:
+        teacher.config = original
+    assert unchecked.recomendacion == invented and unchecked.frases_retiradas == 0
+
+
 async def test_status_page_shows_state_and_addresses(served):
     async with served.session.get(served.url("/")) as resp:
         text = await resp.text()
