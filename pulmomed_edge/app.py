@@ -168,7 +168,7 @@ async def load_components(state: ServerState) -> None:
                 top_k_passages=settings.top_k_passages,
                 max_prompt_tokens=settings.max_prompt_tokens,
                 backfill=settings.backfill,
-                grounding=settings.grounding,
+                grounding=settings.grounding_on(model_added=llm is not None and llm.added),
             ),
             llm=llm,
         )
@@ -217,4 +217,5 @@ def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
         engine=engine,
         template=ChatTemplate.from_runtime(runtime),
         tokenize=runtime.tokenize,
+        added=entry.is_local,
     )

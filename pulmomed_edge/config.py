@@ -83,7 +83,9 @@ class Settings:
     cache_ttl_s: float = 300.0
     rate_limit_per_min: int = 10
     backfill: bool = True  # answer busy spells' fallback states later, while the engine is idle
-    grounding: bool = True  # withhold answer sentences the sources do not support (grounding.py)
+    # withhold answer sentences the sources do not support (grounding.py): "auto" = on for the
+    # pinned models it was tuned on, off for a model the lab added; or "1" / "0"
+    grounding: str = "auto"
     max_body_bytes: int = 64 * 1024
     models_dir: Path = field(default_factory=default_models_dir)
     index_dir: Path = field(default_factory=default_index_dir)
@@ -102,6 +104,15 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)
 
+    def __post_init__(self) -> None:
+        if _switch(self.grounding) is None and self.grounding.strip().lower() != "auto":
+            raise ValueError(f"PULMOMED_GROUNDING={self.grounding!r}: use auto, 1 or 0")
+
+    def grounding_on(self, *, model_added: bool) -> bool:
+        """Whether to check answers against their sources with this model (see `grounding`)."""
+        switch = _switch(self.grounding)
+        return (not model_added) if switch is None else switch
+
     @property
     def effective_threads(self) -> int:
         return self.threads if self.threads > 0 else max(1, os.cpu_count() or 1)
@@ -114,11 +125,21 @@ class Settings:
         return self.max_prompt_tokens + self.slots * (self.max_prompt_tokens + self.max_new_tokens)
 
 
+_TRUE = {"1", "true", "yes", "si", "sí", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _switch(raw: str) -> bool | None:
+    """An on/off setting's value, or None when it is neither (e.g. "auto")."""
+    value = raw.strip().lower()
+    return True if value in _TRUE else False if value in _FALSE else None
+
+
 def _coerce(type_name: object, raw: str, name: str) -> object:
     kind = str(type_name)
     try:
         if kind == "bool":
-            return raw.strip().lower() in {"1", "true", "yes", "si", "sí", "on"}
+            return raw.strip().lower() in _TRUE
         if kind == "int":
             return int(raw)
         if kind == "float":

@@ -98,6 +98,7 @@ class LanguageModel:
     engine: GenerationEngine
     template: ChatTemplate
     tokenize: Callable[[str], list[int]]
+    added: bool = False  # registered by the lab (`models add`), not one of the pinned models
 
 
 @dataclass(frozen=True)

@@ -288,7 +288,7 @@ async def test_grounding_check_trims_the_answer_and_counts_it_unless_turned_off(
     assert checked.frases_retiradas == 1 and checked.llm_model == "modelo-de-prueba"
     assert teacher.grounding["trimmed"] == before["trimmed"] + 1
     async with served.session.get(served.url("/api/v1/health")) as resp:
-        assert (await resp.json())["activity"]["grounding"] == teacher.grounding
+        assert (await resp.json())["activity"]["grounding"] == {"enabled": True, **teacher.grounding}
     original = teacher.config
     teacher.config = dataclasses.replace(original, grounding=False)
     try:

@@ -56,3 +56,39 @@ async def test_corrupt_index_is_named_with_its_fix(settings, tmp_path):
         async with session.post(server.make_url("/api/v1/consultar_profesor"), json=SEED) as resp:
             body = await resp.json()
         assert resp.status == 503 and "componentes" in body
+
+
+async def test_grounding_check_is_off_for_a_model_the_lab_added_unless_asked_for(settings, tmp_path):
+    """It was tuned on the pinned models: "auto" leaves a lab's own model alone; "1" forces it."""
+    import pytest
+
+    from pulmomed_edge.config import Settings, manifest_path
+    from pulmomed_edge.model_store import ModelStore
+
+    store = ModelStore(settings.models_dir, manifest_path())
+    copy = tmp_path / "lab-model.gguf"
+    shutil.copyfile(store.verify(store.default_name("llm", test=True)), copy)
+    local = store.local_manifest_path
+    before = local.read_bytes() if local.exists() else None
+    store.add(copy, "lab-model-under-test", progress=False)
+    try:
+        for value, enabled in (("auto", False), ("1", True)):
+            changed = replace(settings, model="lab-model-under-test", grounding=value)
+            async with own_server(changed) as served:
+                health = await _health(served)
+            assert health["components"]["llm"]["model"] == "lab-model-under-test"
+            assert health["activity"]["grounding"]["enabled"] is enabled
+    finally:
+        if before is None:
+            local.unlink()
+        else:
+            local.write_bytes(before)
+    assert Settings(grounding="auto").grounding_on(model_added=False)
+    assert not Settings(grounding="0").grounding_on(model_added=False)
+    with pytest.raises(ValueError, match="PULMOMED_GROUNDING"):
+        Settings(grounding="sometimes")
+
+
+async def _health(served) -> dict:
+    async with served.session.get(served.server.make_url("/api/v1/health")) as resp:
+        return await resp.json()

@@ -178,7 +178,7 @@ def health_body(state: ServerState) -> dict[str, Any]:
         body["activity"] = {
             **teacher.recent.summary(),
             "backfill": teacher.backfill_stats(),
-            "grounding": dict(teacher.grounding),
+            "grounding": {"enabled": teacher.config.grounding, **teacher.grounding},
         }
     return body
 
