@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     er = ev.add_parser("retrieval", help="hit@1/3/5 and MRR over a JSONL query file")
     er.add_argument("file", type=Path)
     er.set_defaults(func=_eval_retrieval)
+    eg = ev.add_parser(
+        "grounding",
+        help="which sentences the grounding check withholds, each against the corpus passages named",
+    )
+    eg.add_argument("file", type=Path, help='JSONL: {"passages": [ids], "sentence": "…", "expected": "kept"}')
+    eg.set_defaults(func=_eval_grounding)
 
     from .bench import add_bench_parser
 
@@ -213,6 +219,16 @@ def _search(args: argparse.Namespace) -> int:
         mark = "" if hit.grounded else "  (no fundamentado)"
         print(f"{rank}. [{hit.score:.4f}] {hit.passage.titulo} — {hit.passage.fuente}{mark}")
         print(f"   {hit.passage.id}: {hit.passage.texto[:160]}…")
+    return 0
+
+
+def _eval_grounding(args: argparse.Namespace) -> int:
+    from .config import CORPUS_DIR
+    from .corpus import load_corpus
+    from .grounding import evaluate
+
+    result = evaluate({p.id: p.texto for p in load_corpus(CORPUS_DIR)}, args.file)
+    print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0
 
 

@@ -16,13 +16,15 @@ misapply them (a stage read wrong, an adjuvant treatment for a case that does no
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from .extractive import sentences
 from .lexical import stem, tokenize
-from .prompts import Sections
+from .prompts import SYSTEM_PROMPT, Sections
 
 MAX_NOVEL = 2  # unsupported terms that withhold a sentence…
 MIN_NOVEL_SHARE = 0.25  # …if they are also this share of its terms (a long paraphrase may pass)
@@ -90,3 +92,24 @@ def ground_sections(
                 good.append(sentence)
         kept[name] = " ".join(good) if good else getattr(fallback, name)
     return Grounded(Sections(kept["explicacion"], kept["recomendacion"]), withheld)
+
+
+def evaluate(passages: Mapping[str, str], path: Path) -> dict:
+    """`eval grounding`: each sentence checked against the system prompt and its named passages
+    (the support a prompt with those passages gives), and how often that matched `expected`."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        case = json.loads(line)
+        support = support_of([SYSTEM_PROMPT, *(passages[p] for p in case["passages"])])
+        verdict = "withheld" if unsupported(case["sentence"], support) else "kept"
+        rows.append({**case, "verdict": verdict, "novel": novel_terms(case["sentence"], support)})
+    judged = [r for r in rows if "expected" in r]
+    return {
+        "sentences": len(rows),
+        "withheld": sum(r["verdict"] == "withheld" for r in rows),
+        "as_expected": sum(r["verdict"] == r["expected"] for r in judged),
+        "judged": len(judged),
+        "rows": rows,
+    }

@@ -76,6 +76,18 @@ def test_cli_eval_retrieval_prints_hit_rates(settings):
     assert result["hit@3"] == 1.0
 
 
+def test_cli_eval_grounding_withholds_every_invention_read_in_real_answers(settings):
+    """tests/data/grounding_sentences.jsonl: sentences the default model wrote, judged by reading,
+    and correct paraphrases in a fluent writer's words (which the check mostly withholds too: the
+    reason it is off for a model the lab adds; BENCHMARKS.md, fifth round)."""
+    proc = _cli(settings, "eval", "grounding", str(DATA / "grounding_sentences.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["sentences"] == result["judged"] == len(result["rows"]) > 0
+    invented = [r for r in result["rows"] if r["note"].endswith("wrong or invented on reading")]
+    assert invented and all(r["verdict"] == "withheld" and r["novel"] for r in invented)
+
+
 def test_cli_reports_a_broken_index_with_its_fix(settings, tmp_path):
     proc = _cli(settings, "search", "ecog", index_dir=tmp_path / "missing-index")
     assert proc.returncode == 1
