@@ -169,6 +169,7 @@ async def load_components(state: ServerState) -> None:
                 max_prompt_tokens=settings.max_prompt_tokens,
                 backfill=settings.backfill,
                 grounding=settings.grounding_on(model_added=llm is not None and llm.added),
+                stream_sentences=settings.stream_sentences,
             ),
             llm=llm,
         )

@@ -148,7 +148,7 @@ class Outcome:
     repeat: bool = False  # asked again after --repeat-after
     state: dict | None = None  # what was asked and what came back (for --save-answers)
     answer: dict | None = None
-    streamed: dict | None = None  # the streamed text by section (done may withhold sentences of it)
+    streamed: dict | None = None  # the text the headset was streamed, by section
 
 
 def is_cut(answer: dict) -> bool:

@@ -86,6 +86,9 @@ class Settings:
     # withhold answer sentences the sources do not support (grounding.py): "auto" = on for the
     # pinned models it was tuned on, off for a model the lab added; or "1" / "0"
     grounding: str = "auto"
+    # with the check on, stream whole checked sentences (never one the answer then takes back);
+    # off: pieces of words as they come, sooner, and `done` drops what the check withheld
+    stream_sentences: bool = True
     max_body_bytes: int = 64 * 1024
     models_dir: Path = field(default_factory=default_models_dir)
     index_dir: Path = field(default_factory=default_index_dir)

@@ -71,6 +71,49 @@ def unsupported(sentence: str, support: frozenset[str], *, max_novel: int = MAX_
     return novel >= max_novel and novel >= MIN_NOVEL_SHARE * len(set(terms(sentence)))
 
 
+# a sentence has ended once its closing mark is followed by a space ("8.ª", "0.5" go on)
+_NEXT_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+class SentenceGate:
+    """Streams an answer a whole sentence at a time, leaving out the sentences the check would
+    withhold, so a student never sees one that `done` then takes back.
+
+    feed() takes the section deltas of `SectionTracker` and returns the deltas to send; finish()
+    returns the last sentences once the answer is complete. A trailing unfinished sentence is
+    never sent (the final answer drops it too)."""
+
+    def __init__(self, support: frozenset[str]) -> None:
+        self.support = support
+        self._pending = {"explicacion": "", "recomendacion": ""}
+        self._sent = {"explicacion": 0, "recomendacion": 0}
+
+    def feed(self, section: str, text: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if section == "recomendacion":  # the explanation is over: its last sentence is whole
+            out += self._close("explicacion")
+        self._pending[section] += text
+        while match := _NEXT_SENTENCE.search(self._pending[section]):
+            sentence = self._pending[section][: match.start()]
+            self._pending[section] = self._pending[section][match.end() :]
+            out += self._release(section, sentence)
+        return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        return self._close("explicacion") + self._close("recomendacion")
+
+    def _close(self, section: str) -> list[tuple[str, str]]:
+        rest, self._pending[section] = self._pending[section].strip(), ""
+        return self._release(section, rest) if rest.endswith((".", "!", "?")) else []
+
+    def _release(self, section: str, sentence: str) -> list[tuple[str, str]]:
+        sentence = " ".join(sentence.split())
+        if not sentence or unsupported(sentence, self.support):
+            return []
+        self._sent[section] += 1
+        return [(section, sentence if self._sent[section] == 1 else " " + sentence)]
+
+
 @dataclass(frozen=True)
 class Grounded:
     sections: Sections

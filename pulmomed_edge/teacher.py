@@ -36,7 +36,7 @@ from .engine import (
 from .engine.chat import ChatTemplate
 from .engine.scheduler import common_prefix
 from .extractive import extractive_sections
-from .grounding import ground_sections, support_of
+from .grounding import SentenceGate, ground_sections, support_of
 from .prompts import (
     ANSWER_GRAMMAR,
     SECTION_MARKER,
@@ -146,6 +146,7 @@ class TeacherConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     backfill: bool = True  # generate busy spells' fallback states later, when the engine is idle
     grounding: bool = True  # withhold the model's sentences the sources do not support
+    stream_sentences: bool = True  # with grounding: stream whole checked sentences only
 
 
 class TeacherService:
@@ -475,6 +476,10 @@ class TeacherService:
             log.exception("prompt does not fit the slot")
             return self._fallback(prepared, "fallback-error")
         tracker = SectionTracker()
+        # with the grounding check on, students get whole checked sentences: never one that the
+        # final answer then takes back
+        checked = self.config.grounding and self.config.stream_sentences
+        gate = SentenceGate(self.support(prepared)) if checked else None
         # the fallback must reach the student within the budget, not just leave this coroutine
         deadline = flight.created + budget_s - DELIVERY_MARGIN_S
         while True:
@@ -484,8 +489,9 @@ class TeacherService:
                 task.cancel.set()  # the worker frees the slot at its next step
                 return self._fallback(prepared, "fallback-timeout")
             if isinstance(event, TextEvent):
-                for delta in tracker.feed(event.text):
-                    flight.publish("delta", delta)
+                for section, text in tracker.feed(event.text):
+                    for delta in gate.feed(section, text) if gate else [(section, text)]:
+                        flight.publish("delta", delta)
             elif isinstance(event, ErrorEvent):
                 log.error("generation error: %s", event.message)
                 return self._fallback(prepared, "fallback-error")
@@ -496,6 +502,8 @@ class TeacherService:
                 if sections is None:
                     log.error("generation without both sections: %r", event.text[:200])
                     return self._fallback(prepared, "fallback-error")
+                for delta in gate.finish() if gate else []:
+                    flight.publish("delta", delta)
                 return self._checked(prepared, sections, llm.name)
 
     def support(self, prepared: Prepared) -> frozenset[str]:

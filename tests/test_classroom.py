@@ -16,7 +16,8 @@ from conftest import own_server, with_settings
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
 from pulmomed_edge.engine.scheduler import common_prefix
-from pulmomed_edge.grounding import ground_sections
+from pulmomed_edge.extractive import sentences
+from pulmomed_edge.grounding import ground_sections, unsupported
 from pulmomed_edge.http.middlewares import RateLimiter
 from pulmomed_edge.prompts import (
     ANSWER_GRAMMAR,
@@ -91,20 +92,18 @@ async def test_stream_sends_meta_deltas_then_the_same_done_object(served):
     for name, data in events:
         if name == "delta":
             streamed[data["seccion"]] += data["texto"]
-    # the final answer is the streamed text trimmed to whole sentences, without the sentences its
-    # sources do not support (a section left empty is the grounded fallback's)
+    # whole checked sentences are streamed, never one the grounding check withholds, and the final
+    # answer is exactly those sentences (a section with none left is the grounded fallback's)
     teacher = served.state.teacher
     prepared = teacher.prepared_if_known(parse_state(body, teacher.library.ids))
-    raw = split_sections(
-        "\n".join(["", streamed["explicacion"], "Recomendación: " + streamed["recomendacion"]])
-    )
-    assert raw is not None
-    grounded = ground_sections(raw, teacher.support(prepared), teacher._extractive(prepared))
-    assert (done["explicacion"], done["recomendacion"]) == (
-        grounded.sections.explicacion,
-        grounded.sections.recomendacion,
-    )
-    assert done["frases_retiradas"] == len(grounded.withheld)
+    support, fallback = teacher.support(prepared), teacher._extractive(prepared)
+    for section in ("explicacion", "recomendacion"):
+        shown = sentences(streamed[section])
+        assert not any(unsupported(sentence, support) for sentence in shown)
+        if shown:
+            assert done[section] == " ".join(shown)
+        else:  # all withheld, or one unfinished sentence the final answer closes with a period
+            assert done[section] == getattr(fallback, section) or not unsupported(done[section], support)
     # and the non-streaming endpoint now serves the very same answer from the cache
     status, again = await post(served, body)
     assert status == 200 and again["cache"] == "hit"
@@ -113,6 +112,39 @@ async def test_stream_sends_meta_deltas_then_the_same_done_object(served):
     replay = await read_stream(served, body)
     assert [n for n, _ in replay] == ["meta", "done"] and replay[0][1] == meta
     assert replay[1][1]["cache"] == "hit" and replay[1][1]["explicacion"] == done["explicacion"]
+
+
+async def test_word_by_word_streaming_when_asked_and_done_drops_what_the_check_withholds(settings):
+    """PULMOMED_STREAM_SENTENCES=0: pieces of words as they come; `done` is then the streamed text
+    with the check applied (sentences streamed and then withheld are gone from it)."""
+    body = {
+        "age": 71,
+        "pack_years": 55,
+        "is_smoker": True,
+        "sensitive_tumor_volume": 40.0,
+        "treatment": "quimio",
+    }
+    async with own_server(with_settings(settings, stream_sentences=False)) as served:
+        events = await read_stream(served, body)
+        teacher = served.state.teacher
+        prepared = teacher.prepared_if_known(parse_state(body, teacher.library.ids))
+        support, fallback = teacher.support(prepared), teacher._extractive(prepared)
+    done = events[-1][1]
+    deltas = [d for n, d in events if n == "delta"]
+    streamed = {
+        s: "".join(d["texto"] for d in deltas if d["seccion"] == s) for s in ("explicacion", "recomendacion")
+    }
+    assert len(deltas) > len(sentences(streamed["explicacion"])) + len(sentences(streamed["recomendacion"]))
+    raw = split_sections(
+        "\n".join(["", streamed["explicacion"], "Recomendación: " + streamed["recomendacion"]])
+    )
+    assert raw is not None
+    grounded = ground_sections(raw, support, fallback)
+    assert (done["explicacion"], done["recomendacion"]) == (
+        grounded.sections.explicacion,
+        grounded.sections.recomendacion,
+    )
+    assert done["frases_retiradas"] == len(grounded.withheld)
 
 
 async def test_late_joiner_gets_what_was_already_generated_then_the_rest(served):

@@ -66,3 +66,27 @@ def test_immunotherapy_answer_sentences_from_the_default_model(passages):
     withheld = "El paciente debe tomar una dieta saludable, como alimentos frescos y leguminosos."
     assert not unsupported(kept, support)
     assert unsupported(withheld, support)
+
+
+def test_sentence_gate_streams_whole_checked_sentences_only(esophagitis):
+    from pulmomed_edge.grounding import SentenceGate
+
+    explanation = (
+        "La esofagitis rádica es un efecto adverso agudo de la radioterapia torácica [1]. "
+        "Se cura tomando zumo de naranja y vitaminas importadas. Aparece tras algunas semanas."
+    )
+    recommendation = "Se maneja con analgesia y dieta blanda [1]. " + INVENTED + " Y además"
+    gate = SentenceGate(esophagitis)
+    out: list[tuple[str, str]] = []
+    for section, text in (("explicacion", explanation), ("recomendacion", recommendation)):
+        for i in range(0, len(text), 7):  # the way tokens arrive: a few characters at a time
+            out += gate.feed(section, text[i : i + 7])
+    assert all(section == "explicacion" for section, _ in out[:2])
+    out += gate.finish()
+    streamed = {s: "".join(t for sec, t in out if sec == s) for s in ("explicacion", "recomendacion")}
+    assert streamed["explicacion"] == (
+        "La esofagitis rádica es un efecto adverso agudo de la radioterapia torácica [1]. "
+        "Aparece tras algunas semanas."
+    )
+    # the invented advice is never sent, nor the unfinished sentence the answer ends with
+    assert streamed["recomendacion"] == "Se maneja con analgesia y dieta blanda [1]."
