@@ -1,7 +1,8 @@
 """The teacher: simulation state → grounded Spanish answer.
 
 cache → retrieve → prompt → generate (shared by identical concurrent requests) → sections →
-response, with a grounded extractive fallback for every way generation can fail. The event loop
+grounding check (sentences no source supports are withheld, also from the stream) → response,
+with a grounded extractive fallback for every way generation can fail. The event loop
 only awaits: retrieval and tokenisation run in a worker thread, generation in the engine's thread.
 """
 
