@@ -109,6 +109,8 @@ class Prepared:
     passages: list[PassageLike]  # most important first; a passage's citation number is its place
     key: str
     prompt: list[int] | None  # None when no LLM is loaded
+    # the terms the model is shown: what its sentences may claim (grounding.py; empty without LLM)
+    support: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -223,10 +225,12 @@ class TeacherService:
         passages = self.retrieve(canon, case)
         llm = self.llm
         prompt = None
+        support: frozenset[str] = frozenset()
         if llm is not None:
             passages, prompt = self._fit_prompt(canon, case, passages)
+            support = _support(canon, case, passages)
         key = cache_key(canon, [p.id for p in passages], llm.sha256 if llm else "-", self.index_id)
-        return Prepared(canon, case, passages, key, prompt)
+        return Prepared(canon, case, passages, key, prompt, support)
 
     def _fit_prompt(
         self, canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]
@@ -480,7 +484,7 @@ class TeacherService:
         # with the grounding check on, students get whole checked sentences: never one that the
         # final answer then takes back
         checked = self.config.grounding and self.config.stream_sentences
-        gate = SentenceGate(self.support(prepared)) if checked else None
+        gate = SentenceGate(prepared.support) if checked else None
         # the fallback must reach the student within the budget, not just leave this coroutine
         deadline = flight.created + budget_s - DELIVERY_MARGIN_S
         while True:
@@ -507,17 +511,11 @@ class TeacherService:
                     flight.publish("delta", delta)
                 return self._checked(prepared, sections, llm.name)
 
-    def support(self, prepared: Prepared) -> frozenset[str]:
-        """The terms the model was shown for this state: what its sentences may claim."""
-        # whole passages: a citation points to the source, not to the tightened excerpt
-        numbered = [PromptPassage(i + 1, p.texto) for i, p in enumerate(prepared.passages)]
-        return support_of([SYSTEM_PROMPT, user_message(numbered, prepared.state, prepared.case)])
-
     def _checked(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
         """The model's answer without the sentences its sources do not support."""
         if not self.config.grounding:
             return self._response(prepared, sections, model)
-        grounded = ground_sections(sections, self.support(prepared), self._extractive(prepared))
+        grounded = ground_sections(sections, prepared.support, self._extractive(prepared))
         self.grounding["answers"] += 1
         if grounded.withheld:
             self.grounding["trimmed"] += 1
@@ -545,6 +543,13 @@ class TeacherService:
             estadio=prepared.state.stage,
             pasajes=[p.id for p in prepared.passages],
         )
+
+
+def _support(canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]) -> frozenset[str]:
+    """The terms a prompt with these passages shows the model: what its sentences may claim."""
+    # whole passages: a citation points to the source, not to the tightened excerpt
+    numbered = [PromptPassage(i + 1, p.texto) for i, p in enumerate(passages)]
+    return support_of([SYSTEM_PROMPT, user_message(numbered, canon, case)])
 
 
 def _fits(passage: PassageLike, case: LibraryCase | None) -> bool:

@@ -96,7 +96,7 @@ async def test_stream_sends_meta_deltas_then_the_same_done_object(served):
     # answer is exactly those sentences (a section with none left is the grounded fallback's)
     teacher = served.state.teacher
     prepared = teacher.prepared_if_known(parse_state(body, teacher.library.ids))
-    support, fallback = teacher.support(prepared), teacher._extractive(prepared)
+    support, fallback = prepared.support, teacher._extractive(prepared)
     for section in ("explicacion", "recomendacion"):
         shown = sentences(streamed[section])
         assert not any(unsupported(sentence, support) for sentence in shown)
@@ -128,7 +128,7 @@ async def test_word_by_word_streaming_when_asked_and_done_drops_what_the_check_w
         events = await read_stream(served, body)
         teacher = served.state.teacher
         prepared = teacher.prepared_if_known(parse_state(body, teacher.library.ids))
-        support, fallback = teacher.support(prepared), teacher._extractive(prepared)
+        support, fallback = prepared.support, teacher._extractive(prepared)
     done = events[-1][1]
     deltas = [d for n, d in events if n == "delta"]
     streamed = {
