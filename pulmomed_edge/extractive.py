@@ -6,10 +6,8 @@ correct, sourced answer instead of an error or canned text.
 
 from __future__ import annotations
 
-import re
-
 from .canonical import CanonicalState, smoking_phrase, treatment_phrase
-from .prompts import Sections
+from .prompts import SENTENCE_BREAK, Sections
 
 _RECOMMENDATION_HINTS = (
     "recomienda",
@@ -30,7 +28,7 @@ NO_COVERAGE = (
 
 
 def sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
+    return [s.strip() for s in SENTENCE_BREAK.split(text.strip()) if s.strip()]
 
 
 def extractive_sections(state: CanonicalState, passages: list[tuple[int, str]]) -> Sections:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .extractive import sentences
 from .lexical import stem, tokenize
-from .prompts import SYSTEM_PROMPT, Sections
+from .prompts import SENTENCE_BREAK, SYSTEM_PROMPT, Sections
 
 MAX_NOVEL = 2  # unsupported terms that withhold a sentence…
 MIN_NOVEL_SHARE = 0.25  # …if they are also this share of its terms (a long paraphrase may pass)
@@ -71,10 +71,6 @@ def unsupported(sentence: str, support: frozenset[str], *, max_novel: int = MAX_
     return novel >= max_novel and novel >= MIN_NOVEL_SHARE * len(set(terms(sentence)))
 
 
-# a sentence has ended once its closing mark is followed by a space ("8.ª", "0.5" go on)
-_NEXT_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-
-
 class SentenceGate:
     """Streams an answer a whole sentence at a time, leaving out the sentences the check would
     withhold, so a student never sees one that `done` then takes back.
@@ -93,7 +89,7 @@ class SentenceGate:
         if section == "recomendacion":  # the explanation is over: its last sentence is whole
             out += self._close("explicacion")
         self._pending[section] += text
-        while match := _NEXT_SENTENCE.search(self._pending[section]):
+        while match := SENTENCE_BREAK.search(self._pending[section]):
             sentence = self._pending[section][: match.start()]
             self._pending[section] = self._pending[section][match.end() :]
             out += self._release(section, sentence)

@@ -37,6 +37,9 @@ rest ::= [^\n\r#*«»"]
 """
 
 PASSAGE_WORDS = 32
+# a sentence ends at a closing mark followed by a space ("8.ª", "0.5" go on): one rule for
+# tightening passages, the extractive answer, and the grounding check (streamed and final)
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
 CASE_GOALS = 1  # a library case's main teaching goal goes into the prompt
 
 
@@ -48,7 +51,7 @@ class PromptPassage:
 
 def tighten(text: str, max_words: int = PASSAGE_WORDS) -> str:
     """The passage's leading sentences up to about max_words, never cut inside a sentence."""
-    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
+    sentences = SENTENCE_BREAK.split(text.strip())
     kept: list[str] = []
     count = 0
     for sentence in sentences:
