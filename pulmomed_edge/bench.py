@@ -408,7 +408,7 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
         summary[counter] = eng_a.get(counter, 0) - eng_b.get(counter, 0)
     summary["model"] = after["components"]["llm"].get("model")
     # background generations for states that got a busy fallback, started while no student waited
-    # (included in generations and new tokens), and those that finished (a student preempts them)
+    # (included in generations and new tokens), and those that finished (they pause for students)
     for name in ("started", "answered"):
         summary[f"backfill_{name}"] = _backfill(after, name) - _backfill(before, name)
     if args.save_answers:

@@ -62,16 +62,19 @@ MIN_ANSWER_TOKENS = 96  # admitted answers shrink to fit the budget, never below
 # a request is admitted when about this many tokens fit its budget at the current pace; the
 # engine's deadline then ends the answer at a sentence if the class gets busier meanwhile
 ADMIT_MIN_TOKENS = 64
-# Backfill: a state that got "fallback-busy"/"fallback-timeout" is generated later, while the
-# engine has no live work, so the student who asks it again gets the model's answer from the cache.
+# Backfill: a state that got "fallback-busy"/"fallback-timeout" is generated later, in the
+# engine's spare steps, so the student who asks it again gets the model's answer from the cache.
+# A background generation computes only while no student's generation needs the engine: it
+# pauses (keeping its cells) when one arrives and goes on in the next pause of the class.
 BACKFILL_POLL_S = 1.0
 BACKFILL_QUIET_S = 3.0  # no new live generation for this long before backfill starts
-BACKFILL_AT_ONCE = 2  # background generations at once: two finish within a short pause
+BACKFILL_AT_ONCE = 2  # background generations at once (each holds a slot while it pauses)
 BACKFILL_ATTEMPTS = 2  # per state; a failed backfill is retried once (a preempted one is not a try)
 BACKFILL_PENDING_MAX = 64  # states remembered, newest first
 BACKFILL_MAX_AGE_S = 600.0  # older states are dropped: the class has moved on
-PREEMPT_WAIT_S = 2.0  # a live request waits at most this long for backfill to free its slots
-BACKFILL_BUDGET_FACTOR = 4  # nobody waits on a backfill: it may take this many budgets
+# nobody waits on a backfill and it may pause for long in a busy class: this only guards
+# against a generation that never ends
+BACKFILL_TIMEOUT_S = BACKFILL_MAX_AGE_S
 
 
 class PassageLike(Protocol):
@@ -124,10 +127,21 @@ class Flight:
     cancel: Callable[[], None] | None = None
     result: asyncio.Future[TeacherResponse] | None = None
     runner: asyncio.Task[None] | None = None
-    background: bool = False  # a backfill: nobody asked for it yet; a live request preempts it
+    background: bool = False  # a backfill: started with nobody asking (it may be joined later)
     attempt: int = 0  # a backfill's attempt at this state (1, 2…); 0 for a student's request
-    preempted: bool = False  # cancelled because a student asked something else
+    preempted: bool = False  # a backfill that gave its slot to a student, or stopped unsubmitted
     created: float = 0.0  # time.monotonic() when it started: its budget runs from here
+    task: GenerationTask | None = None  # once submitted to the engine
+    joined_by: float | None = None  # a backfill a student joined: the deadline it now has
+
+    def promote(self, deadline: float) -> None:
+        """A student joined this backfill: from now on it runs as their generation, and wraps up
+        by their deadline (the earliest joiner's)."""
+        if not self.background or self.joined_by is not None:
+            return
+        self.joined_by = deadline
+        if self.task is not None:
+            self.task.promote(deadline)
 
     def publish(self, kind: str, data: Any) -> None:
         if kind == "delta":
@@ -277,10 +291,12 @@ class TeacherService:
             return
         flight = self._flights.get(prepared.key)
         role = "shared"
-        if flight is None or flight.preempted:  # a cancelled backfill ends with a fallback: not that
+        if flight is None or flight.preempted:  # a preempted backfill ends with a fallback: not that
             self._last_live = time.monotonic()
             flight = self._launch(prepared)
             role = "miss"
+        else:  # a backfill of this very state: it now answers this student
+            flight.promote(time.monotonic() + ANSWER_SHARE * self.config.budget_s)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         flight.listeners.append(queue)
         flight.members += 1
@@ -362,7 +378,7 @@ class TeacherService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._backfiller
             self._backfiller = None
-        self._cancel_backfills(joined_too=True)
+        self._cancel_backfills()
 
     def backfill_stats(self) -> dict[str, int]:
         running = sum(1 for f in self._flights.values() if f.background)
@@ -412,23 +428,13 @@ class TeacherService:
             running.append(self._launch(prepared, background=True, attempt=attempts + 1))
             self.backfill_started += 1
 
-    async def _preempt_backfill(self) -> None:
-        """Cancel background generations nobody has joined, and give their slots a moment to free."""
-        pending = self._cancel_backfills(joined_too=False)
-        if pending:
-            await asyncio.wait(pending, timeout=PREEMPT_WAIT_S)
-
-    def _cancel_backfills(self, *, joined_too: bool) -> list[asyncio.Future[TeacherResponse]]:
-        """Cancel running backfills (those a student joined only if asked); their results."""
-        pending = []
+    def _cancel_backfills(self) -> None:
+        """Cancel running backfills (shutdown)."""
         for flight in list(self._flights.values()):
-            if flight.background and (joined_too or flight.members == 0) and not flight.preempted:
+            if flight.background and not flight.preempted:
                 flight.preempted = True  # one not yet submitted stops before it is
                 if flight.cancel is not None:
                     flight.cancel()
-                assert flight.result is not None
-                pending.append(flight.result)
-        return pending
 
     async def _generate(self, flight: Flight) -> TeacherResponse:
         prepared = flight.prepared
@@ -439,10 +445,11 @@ class TeacherService:
             return self._fallback(prepared, "fallback-no-grounding")
         loop = asyncio.get_running_loop()
         engine = llm.engine
-        # nobody waits on a backfill: it is started only on an idle engine and writes in full
-        max_new, budget_s = self.config.max_new_tokens, BACKFILL_BUDGET_FACTOR * self.config.budget_s
+        # nobody waits on a backfill: it writes in full, in steps no student needs (unless a
+        # student joins it: then it wraps up by their deadline)
+        max_new, budget_s = self.config.max_new_tokens, BACKFILL_TIMEOUT_S
+        deadline_s: float | None = flight.joined_by
         if not flight.background:
-            await self._preempt_backfill()  # a student asking now goes before the backfill
             budget_s = self.config.budget_s
             first_token_s, per_token_s = engine.estimate(len(prepared.prompt))
             # as many tokens as fit in what is left of the budget, never more than configured
@@ -458,18 +465,21 @@ class TeacherService:
             if not engine.idle and (late or short or engine.crowds(len(prepared.prompt), grace_s)):
                 return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
             max_new = min(max_new, max(MIN_ANSWER_TOKENS, affordable))
+            # the engine wraps the answer up before the budget rather than letting it time out
+            deadline_s = flight.created + ANSWER_SHARE * budget_s
         events: asyncio.Queue[Any] = asyncio.Queue()
         task = GenerationTask(
             prompt=prepared.prompt,
             sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
             grammar=ANSWER_GRAMMAR,
             params=self.config.sampling,
-            # the engine wraps the answer up before the budget rather than letting it time out
-            deadline=flight.created + ANSWER_SHARE * budget_s,
+            deadline=deadline_s,
+            background=flight.background and flight.joined_by is None,
             **answer_budget(max_new),
         )
         flight.cancel = task.cancel.set
-        if flight.preempted:  # a student asked before this backfill reached the engine
+        flight.task = task
+        if flight.preempted:  # shut down before this backfill reached the engine
             return self._fallback(prepared, "fallback-busy")
         try:
             llm.engine.submit(task)
@@ -501,6 +511,9 @@ class TeacherService:
                 log.error("generation error: %s", event.message)
                 return self._fallback(prepared, "fallback-error")
             elif isinstance(event, DoneEvent):
+                if event.finish == "preempted":  # a student needed the backfill's slot
+                    flight.preempted = True
+                    return self._fallback(prepared, "fallback-busy")
                 if event.finish == "cancelled":
                     return self._fallback(prepared, "fallback-timeout")
                 sections = split_sections(event.text)

@@ -308,31 +308,123 @@ async def test_backfill_answers_a_busy_state_once_the_engine_is_idle(settings, s
         assert health["activity"]["by_kind"] == {"fallback-busy": 1, "cache": 1}
 
 
-async def test_a_student_preempts_the_backfill(settings, seed):
+async def test_a_student_goes_first_and_the_backfill_waits_then_finishes(settings, seed):
     # long answers keep the background generation running while the student asks
     changes = {"backfill": True, "max_new_tokens": 1200, "max_prompt_tokens": 512}
     async with own_server(with_settings(settings, **changes)) as served:
-        teacher = served.state.teacher
+        teacher, engine = served.state.teacher, served.state.engine
         busy_state = {**seed, "age": 71}
         status, first = await _busy_answer(served, busy_state)
         assert status == 200 and first["llm_model"] == "fallback-busy"
         await _until(lambda: teacher.backfill_stats()["running"] == 1, "the backfill to start", step=0.01)
         background = next(f for f in teacher._flights.values() if f.background)
         assert background.members == 0
+        await _until(lambda: engine.stats()["background"] == 1, "the backfill to reach a slot", step=0.01)
+        assert engine.idle  # a background task leaves the engine free for students
         status, live = await post(served, {**seed, "age": 45})
         assert status == 200
         assert live["llm_model"] == teacher.llm.name and live["cache"] == "miss"
-        # the background generation was cancelled to make room, and its state is remembered
-        assert background.result.done()
-        assert background.result.result().llm_model == "fallback-timeout"
-        assert background.preempted and teacher.backfilled == 0
-        # remembered again, and the cancelled try does not count against it: the state waits with
-        # no try counted, or (if the class went quiet meanwhile) is already on its first try
-        key = background.prepared.key
-        remembered, retried = teacher._missed.get(key), teacher._flights.get(key)
-        assert (remembered is not None and remembered[1] == 0) or (
-            retried is not None and retried.background and retried.attempt == 1
+        # the backfill paused for the student instead of being thrown away, then went on
+        assert not background.preempted
+        await _until(lambda: teacher.backfilled == 1, "the backfill to finish")
+        assert background.result.result().llm_model == teacher.llm.name
+        assert engine.counters["preempted"] == 0
+        status, again = await post(served, busy_state)
+        assert again["cache"] == "hit" and again["llm_model"] == teacher.llm.name
+
+
+async def test_a_student_who_asks_the_backfilled_state_joins_and_promotes_it(settings, seed):
+    changes = {"backfill": True, "max_new_tokens": 1200, "max_prompt_tokens": 512}
+    async with own_server(with_settings(settings, **changes)) as served:
+        teacher = served.state.teacher
+        busy_state = {**seed, "age": 72}
+        status, first = await _busy_answer(served, busy_state)
+        assert status == 200 and first["llm_model"] == "fallback-busy"
+        await _until(lambda: teacher.backfill_stats()["running"] == 1, "the backfill to start", step=0.01)
+        background = next(f for f in teacher._flights.values() if f.background)
+        status, joined = await post(served, busy_state)
+        assert status == 200
+        # the student got the model's answer from the running backfill, which took their deadline
+        assert joined["cache"] == "shared" and joined["llm_model"] == teacher.llm.name
+        assert background.joined_by is not None
+        assert background.task is not None and not background.task.background
+        assert background.task.deadline == background.joined_by
+
+
+def _recorder():
+    """A sink factory that appends (tag, event) to one list, in the worker's order."""
+    log: list[tuple[str, object]] = []
+    lock = threading.Lock()
+
+    def sink_for(tag: str):
+        def sink(event):
+            with lock:
+                log.append((tag, event))
+
+        return sink
+
+    return log, sink_for
+
+
+async def test_a_background_task_pauses_while_a_students_task_runs(served):
+    engine = served.state.engine
+    llm = served.state.teacher.llm
+    await wait_idle(engine)
+
+    def prompt(text: str) -> list[int]:
+        return llm.tokenize(llm.template.render(SYSTEM_PROMPT, text, EXPLANATION_LABEL))
+
+    log, sink_for = _recorder()
+    greedy = SamplingParams(temperature=0.0)
+    engine.submit(
+        GenerationTask(
+            prompt=prompt("Paciente: 70 años."),
+            sink=sink_for("bg"),
+            max_new_tokens=160,
+            params=greedy,
+            background=True,
         )
+    )
+    await _until(lambda: sum(1 for t, e in log if t == "bg") >= 3, "the background task to write", step=0.005)
+    engine.submit(
+        GenerationTask(
+            prompt=prompt("Paciente: 50 años."), sink=sink_for("live"), max_new_tokens=24, params=greedy
+        )
+    )
+    await _until(lambda: any(t == "bg" and isinstance(e, DoneEvent) for t, e in log), "the background task")
+    order = [t for t, e in log]
+    first_live, live_done = order.index("live"), max(i for i, (t, e) in enumerate(log) if t == "live")
+    assert isinstance(log[live_done][1], DoneEvent) and log[live_done][1].new_tokens > 1
+    # nothing of the background task between the student's first token and their answer's end
+    assert "bg" not in order[first_live:live_done]
+    # and it went on afterwards, to its own end
+    background_done = next(e for t, e in log if t == "bg" and isinstance(e, DoneEvent))
+    assert background_done.finish in ("stop", "length") and "bg" in order[live_done:]
+
+
+async def test_students_who_need_every_slot_take_the_background_tasks(served):
+    engine = served.state.engine
+    llm = served.state.teacher.llm
+    await wait_idle(engine)
+    log, sink_for = _recorder()
+    greedy = SamplingParams(temperature=0.0)
+    text = llm.template.render(SYSTEM_PROMPT, "Paciente: 80 años.", EXPLANATION_LABEL)
+    engine.submit(
+        GenerationTask(
+            prompt=llm.tokenize(text), sink=sink_for("bg"), max_new_tokens=400, params=greedy, background=True
+        )
+    )
+    await _until(lambda: engine.stats()["background"] == 1, "the background task to take a slot", step=0.005)
+    before = engine.counters["preempted"]
+    prompts = [
+        llm.tokenize(llm.template.render(SYSTEM_PROMPT, f"Paciente: {40 + i} años.", EXPLANATION_LABEL))
+        for i in range(len(engine.slots))
+    ]
+    results = await asyncio.to_thread(_run_tasks, engine, prompts)
+    assert all(r.finish in ("stop", "length") for r in results)
+    background_done = [e for t, e in log if t == "bg" and isinstance(e, DoneEvent)]
+    assert [e.finish for e in background_done] == ["preempted"]
+    assert engine.counters["preempted"] == before + 1
 
 
 async def test_backfill_remembers_newest_states_and_gives_up_after_two_tries(served, seed):
@@ -355,7 +447,7 @@ async def test_backfill_remembers_newest_states_and_gives_up_after_two_tries(ser
     service._remember_miss(teacher_mod.Flight(c, background=True, attempt=2))  # second try failed
     assert [(k, n) for k, (_, n, _) in service._missed.items()] == [(a.key, 0), (b.key, 1)]
     service._remember_miss(teacher_mod.Flight(b, background=True, attempt=2, preempted=True))
-    assert service._missed[b.key][1] == 1  # a student cancelled that try: it does not count
+    assert service._missed[b.key][1] == 1  # a student took that try's slot: it does not count
     service._remember_miss(teacher_mod.Flight(a))  # asked again: newest now
     assert list(service._missed) == [b.key, a.key]
     # backfill skips states the cache holds; looking does not count as a hit or a miss

@@ -4,7 +4,10 @@ Requests are tasks in a bounded queue. Between decode steps the worker admits qu
 free slots (each slot is one KV sequence), reusing the longest cached token prefix any slot holds;
 every step decodes one token for each generating slot plus a bounded chunk of prompt for slots
 still prefilling, so a long prompt never freezes the others' streams; how many rows each
-llama_decode call holds follows the batch plan (batching.py). Events (text, done, error)
+llama_decode call holds follows the batch plan (batching.py). A background task (the teacher's
+backfill) computes only in steps no student's task needs: it pauses, keeping its slot and cells,
+while any student's task is in the engine, gives its slot up if a student needs it, and becomes a
+student's task when promoted. Events (text, done, error)
 go back through each task's `sink`, which must be thread-safe (the teacher wraps the event loop's
 call_soon_threadsafe). Nothing else ever touches the context.
 """
@@ -59,7 +62,7 @@ class TextEvent:
 @dataclass
 class DoneEvent:
     text: str
-    finish: Literal["stop", "length", "cancelled"]
+    finish: Literal["stop", "length", "cancelled", "preempted"]  # preempted: a background task
     prompt_tokens: int
     reused_tokens: int
     new_tokens: int
@@ -87,6 +90,14 @@ class GenerationTask:
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() by which the answer should be complete
+    # computes only while no student's task needs the engine (see the module docstring)
+    background: bool = False
+
+    def promote(self, deadline: float | None) -> None:
+        """A student now waits on this background task: it competes like theirs, with their deadline
+        (any thread: the worker reads both fields at each step)."""
+        self.deadline = deadline
+        self.background = False
 
 
 class EngineBusy(RuntimeError):
@@ -119,6 +130,11 @@ class _Slot:
     @property
     def busy(self) -> bool:
         return self.task is not None
+
+    @property
+    def live(self) -> bool:
+        """Busy with a task a student waits on (not a background one)."""
+        return self.task is not None and not self.task.background
 
     @property
     def in_prompt(self) -> bool:
@@ -215,6 +231,7 @@ class GenerationEngine:
             "generations": 0,
             "completed": 0,
             "cancelled": 0,
+            "preempted": 0,  # background tasks that gave their slot to a student
             "errors": 0,
             "prompt_tokens": 0,
             "reused_tokens": 0,
@@ -250,19 +267,30 @@ class GenerationEngine:
         with self._cv:
             queued = len(self._queue)
         active = sum(1 for s in self.slots if s.busy)
-        return {**self.counters, "queued": queued, "active": active, "slots": len(self.slots)}
+        background = sum(1 for s in self.slots if s.busy and not s.live)
+        return {
+            **self.counters,
+            "queued": queued,
+            "active": active,
+            "background": background,
+            "slots": len(self.slots),
+        }
 
     def backlog_tokens(self) -> int:
-        """Prompt tokens still to evaluate: queued tasks (beyond the shared prefix) and slots."""
+        """Prompt tokens still to evaluate for students: queued tasks (beyond the shared prefix)
+        and slots (background tasks pause while students' work goes on, so they do not count)."""
         with self._cv:
-            queued = sum(max(0, len(t.prompt) - len(self._warm_prefix)) for t in self._queue)
-        return queued + sum(len(s.pending) for s in self.slots if s.busy and s.new_tokens == 0)
+            queued = sum(
+                max(0, len(t.prompt) - len(self._warm_prefix)) for t in self._queue if not t.background
+            )
+        return queued + sum(len(s.pending) for s in self.slots if s.live and s.new_tokens == 0)
 
     @property
     def idle(self) -> bool:
+        """No student's task is queued or running (a background task may be)."""
         with self._cv:
-            queued = len(self._queue)
-        return queued == 0 and not any(s.busy for s in self.slots)
+            queued = sum(1 for t in self._queue if not t.background)
+        return queued == 0 and not any(s.live for s in self.slots)
 
     def estimate(self, prompt_tokens: int) -> tuple[float, float]:
         """(seconds until a new task's first token, seconds per token it then decodes).
@@ -297,11 +325,11 @@ class GenerationEngine:
         return False
 
     def _with_one_more(self) -> tuple[list[_Slot], float]:
-        """The busy slots, and what a decode step will cost once they, the queued tasks and one
-        more all decode together."""
+        """The slots busy with students' tasks, and what a decode step will cost once they, the
+        students' queued tasks and one more all decode together."""
         with self._cv:
-            queued = len(self._queue)
-        busy = [s for s in self.slots if s.busy]
+            queued = sum(1 for t in self._queue if not t.background)
+        busy = [s for s in self.slots if s.live]
         return busy, self.step_cost.predict(min(len(self.slots), len(busy) + queued + 1))
 
     def _tokens_to_finish(self, slot: _Slot) -> int:
@@ -385,14 +413,27 @@ class GenerationEngine:
                 self._finish(slot, "cancelled")
 
     def _admit(self) -> None:
+        """Queued tasks into free slots, students' tasks first; a student who finds every slot
+        taken gets the slot of a background task (which ends "preempted")."""
         while True:
+            with self._cv:
+                task = next((t for t in self._queue if not t.background), None)
+                if task is None and self._queue:
+                    task = self._queue[0]
+            if task is None:
+                return
             free = [s for s in self.slots if not s.busy]
+            if not free and not task.background:
+                paused = [s for s in self.slots if s.busy and not s.live]
+                if paused:
+                    victim = min(paused, key=lambda s: s.new_tokens)  # the least work lost
+                    self.counters["preempted"] += 1
+                    self._finish(victim, "preempted")
+                    free = [victim]
             if not free:
                 return
             with self._cv:
-                if not self._queue:
-                    return
-                task = self._queue.popleft()
+                self._queue.remove(task)
             self._assign(task, free)
 
     def _assign(self, task: GenerationTask, free: list[_Slot]) -> None:
@@ -435,9 +476,12 @@ class GenerationEngine:
         """One prompt chunk (the oldest waiting request's) and the pending tokens of every decoding slot,
         in as many llama_decode calls as the batch plan needs."""
         plan = self.plan
-        decoding = [s for s in self.slots if s.busy and s.pending and not s.in_prompt]
+        # while any student's task is here, background tasks wait (their cells stay)
+        live = any(s.live for s in self.slots)
+        running = [s for s in self.slots if (s.live if live else s.busy)]
+        decoding = [s for s in running if s.pending and not s.in_prompt]
         waiting = sorted(
-            (s for s in self.slots if s.busy and s.in_prompt),
+            (s for s in running if s.in_prompt),
             key=lambda s: s.task.submitted if s.task else 0.0,
         )
         prompt_part: list[tuple[_Slot, int]] = []
@@ -488,7 +532,8 @@ class GenerationEngine:
                 del slot.pending[:n]
                 if not slot.pending:
                     self._sample(slot, first + n - 1)
-        self._measure(time.monotonic() - step_started, decode_rows, prompt_s, prompt_rows)
+        # a step of background work alone is no measure of a student's pace
+        self._measure(time.monotonic() - step_started, decode_rows if live else 0, prompt_s, prompt_rows)
 
     def _reusable(self, source: _Slot, prompt: list[int]) -> int:
         """How much of prompt source's evaluated prompt cells can serve: the whole common prefix,
@@ -647,14 +692,15 @@ class GenerationEngine:
             slot.text += text
             slot.task.sink(TextEvent(text))
 
-    def _finish(self, slot: _Slot, finish: Literal["stop", "length", "cancelled"]) -> None:
+    def _finish(self, slot: _Slot, finish: Literal["stop", "length", "cancelled", "preempted"]) -> None:
         task = slot.task
         if task is None:
             return
         if slot.stream is not None:
             self._emit_text(slot, slot.stream.flush())
         now = time.monotonic()
-        self.counters["cancelled" if finish == "cancelled" else "completed"] += 1
+        if finish != "preempted":  # counted where it happens
+            self.counters["cancelled" if finish == "cancelled" else "completed"] += 1
         event = DoneEvent(
             text=slot.text,
             finish=finish,
