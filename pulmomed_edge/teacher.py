@@ -324,10 +324,7 @@ class TeacherService:
                 kind, data = queue.get_nowait()
                 if kind == "delta":
                     yield "delta", {"seccion": data[0], "texto": data[1]}
-            if flight.result.done():
-                response = flight.result.result()
-            else:
-                response = self._fallback(prepared, "fallback-timeout")
+            response = flight.result.result() if flight.result.done() else self._timed_out(flight)
             self.recent.record(answer_kind(response.llm_model))
             yield "done", _timed(response, started, role)
         finally:
@@ -502,7 +499,7 @@ class TeacherService:
                 event = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 task.cancel.set()  # the worker frees the slot at its next step
-                return self._fallback(prepared, "fallback-timeout")
+                return self._timed_out(flight)
             if isinstance(event, TextEvent):
                 for section, text in tracker.feed(event.text):
                     for delta in gate.feed(section, text) if gate else [(section, text)]:
@@ -515,7 +512,7 @@ class TeacherService:
                     flight.preempted = True
                     return self._fallback(prepared, "fallback-busy")
                 if event.finish == "cancelled":
-                    return self._fallback(prepared, "fallback-timeout")
+                    return self._timed_out(flight)
                 sections = split_sections(event.text)
                 if sections is None:
                     log.error("generation without both sections: %r", event.text[:200])
@@ -543,6 +540,23 @@ class TeacherService:
 
     def _fallback(self, prepared: Prepared, reason: str) -> TeacherResponse:
         return self._response(prepared, self._extractive(prepared), reason)
+
+    def _timed_out(self, flight: Flight) -> TeacherResponse:
+        """The fallback for an answer that ran out of time, keeping what its students were already
+        shown: with the sentence stream, those are whole sentences that passed the check, so `done`
+        never takes back a sentence a headset displayed; a section with none is the grounded
+        summary's. (Streamed pieces of words are not kept: `done` replaces them, as it always has.)"""
+        fallback = self._extractive(flight.prepared)
+        if not (self.config.grounding and self.config.stream_sentences) or not flight.deltas:
+            return self._response(flight.prepared, fallback, "fallback-timeout")
+        shown = {"explicacion": "", "recomendacion": ""}
+        for seccion, texto in flight.deltas:
+            shown[seccion] += texto
+        sections = Sections(
+            shown["explicacion"].strip() or fallback.explicacion,
+            shown["recomendacion"].strip() or fallback.recomendacion,
+        )
+        return self._response(flight.prepared, sections, "fallback-timeout")
 
     def _response(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
         return TeacherResponse(

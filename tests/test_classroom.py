@@ -147,6 +147,34 @@ async def test_word_by_word_streaming_when_asked_and_done_drops_what_the_check_w
     assert done["frases_retiradas"] == len(grounded.withheld)
 
 
+async def test_an_answer_out_of_time_keeps_the_sentences_already_streamed(served, seed):
+    """What the teacher does when an answer's time runs out (it cancels the engine's task), done
+    right after the first checked sentence reached the student: `done` keeps that sentence
+    instead of replacing it, and only the section nobody saw is the grounded summary's."""
+    teacher = served.state.teacher
+    assert teacher.config.grounding and teacher.config.stream_sentences
+    timed_out = None
+    for age in (33, 43, 53, 63, 73):  # the test model may finish before the cancel lands
+        state = parse_state({**seed, "age": age}, teacher.library.ids)
+        shown = {"explicacion": "", "recomendacion": ""}
+        async for kind, data in teacher.stream(state):
+            if kind == "delta":
+                shown[data["seccion"]] += data["texto"]
+                flight = teacher._flights.get(teacher.prepared_if_known(state).key)
+                if flight is not None and flight.task is not None:
+                    flight.task.cancel.set()
+            elif kind == "done":
+                final = data
+        if final.llm_model == "fallback-timeout":
+            timed_out = (state, shown, final)
+            break
+    assert timed_out is not None, "every answer finished before its cancel"
+    state, shown, final = timed_out
+    summary = teacher._fallback(teacher.prepared_if_known(state), "x")
+    assert shown["explicacion"] and final.explicacion == shown["explicacion"]
+    assert final.recomendacion == (shown["recomendacion"] or summary.recomendacion)
+
+
 async def test_late_joiner_gets_what_was_already_generated_then_the_rest(served):
     body = {"age": 77, "pack_years": 90, "is_smoker": True, "sensitive_tumor_volume": 50.0}
     first = asyncio.create_task(read_stream(served, body))
