@@ -67,7 +67,7 @@ ADMIT_MIN_TOKENS = 64
 # A background generation computes only while no student's generation needs the engine: it
 # pauses (keeping its cells) when one arrives and goes on in the next pause of the class.
 BACKFILL_POLL_S = 1.0
-BACKFILL_QUIET_S = 3.0  # no new live generation for this long before backfill starts
+BACKFILL_QUIET_S = 1.0  # no new live generation for this long before a backfill starts
 BACKFILL_AT_ONCE = 2  # background generations at once (each holds a slot while it pauses)
 BACKFILL_ATTEMPTS = 2  # per state; a failed backfill is retried once (a preempted one is not a try)
 BACKFILL_PENDING_MAX = 64  # states remembered, newest first
@@ -406,15 +406,12 @@ class TeacherService:
                 log.exception("backfill step failed")
 
     def _backfill_step(self) -> None:
-        """Start background generations while no student waits on the engine."""
+        """Start background generations for missed states; they wait in their slots while
+        students' generations run and compute in the steps those leave free."""
         now = time.monotonic()
         if not self._missed or now - self._last_live < BACKFILL_QUIET_S:
             return
         running = [f for f in self._flights.values() if f.background]
-        if len(running) < len(self._flights):  # a student's own generation is running
-            return
-        if not running and self.llm is not None and not self.llm.engine.idle:
-            return  # work submitted outside the teacher (bench, tests): leave the engine alone
         while self._missed and len(running) < BACKFILL_AT_ONCE:
             key, (prepared, attempts, missed_at) = self._missed.popitem(last=True)
             if now - missed_at > BACKFILL_MAX_AGE_S:

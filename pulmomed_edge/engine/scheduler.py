@@ -432,8 +432,8 @@ class GenerationEngine:
                     free = [victim]
             if not free:
                 return
-            with self._cv:
-                self._queue.remove(task)
+            with self._cv:  # by identity: tasks are dataclasses, two may compare equal
+                self._queue = deque(t for t in self._queue if t is not task)
             self._assign(task, free)
 
     def _assign(self, task: GenerationTask, free: list[_Slot]) -> None:
