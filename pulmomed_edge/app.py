@@ -197,13 +197,14 @@ def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
         RuntimeConfig(
             model_path=path,
             n_ctx=settings.effective_n_ctx,
-            n_seq=settings.slots,
+            n_seq=settings.slots + settings.parked_prefixes,
             n_threads=settings.effective_threads,
         )
     )
     engine = GenerationEngine(
         runtime,
         slots=settings.slots,
+        parked=settings.parked_prefixes,
         queue_size=settings.queue_size,
         prefill_chunk=settings.prefill_chunk,
         max_context_per_slot=settings.max_prompt_tokens + settings.max_new_tokens + 40,

@@ -70,6 +70,8 @@ class Settings:
     test_models: bool = False
     threads: int = 0  # 0 = all physical cores we can see
     slots: int = 8
+    # finished prompts whose cache cells are kept for later students (engine/scheduler.py)
+    parked_prefixes: int = 8
     prefill_chunk: int = 32  # prompt tokens evaluated per step (engine/batching.py)
     n_ctx: int = 0  # 0 = sized from slots × (max prompt + answer)
     max_prompt_tokens: int = 768
@@ -124,8 +126,9 @@ class Settings:
     def effective_n_ctx(self) -> int:
         if self.n_ctx > 0:
             return self.n_ctx
-        # one shared system prefix + every slot's own prompt and answer
-        return self.max_prompt_tokens + self.slots * (self.max_prompt_tokens + self.max_new_tokens)
+        # one shared system prefix + every slot's own prompt and answer + the parked prompts
+        slots = self.slots * (self.max_prompt_tokens + self.max_new_tokens)
+        return self.max_prompt_tokens + slots + self.parked_prefixes * self.max_prompt_tokens
 
 
 _TRUE = {"1", "true", "yes", "si", "sí", "on"}

@@ -248,6 +248,28 @@ async def test_greedy_output_is_the_same_alone_and_in_a_batch(served):
     assert alone[0] and together[0] == alone[0]
 
 
+async def test_a_finished_prompt_stays_parked_after_its_slot_moves_on(served):
+    engine = served.state.engine
+    llm = served.state.teacher.llm
+    await wait_idle(engine)
+
+    def prompt(text: str) -> list[int]:
+        return llm.tokenize(llm.template.render(SYSTEM_PROMPT, text, EXPLANATION_LABEL))
+
+    warm = len(served.state.teacher.warm_prefix())
+    a = prompt("Fuentes: [1] El estadio IIIA se trata con quimiorradioterapia. Paciente: 61 años.")
+    b = prompt("Fuentes: [1] El estadio IA se opera. Paciente: 47 años.")
+    first = (await asyncio.to_thread(_run_tasks, engine, [a]))[0]
+    # every slot now writes something else, so no slot holds a's prompt any more
+    await asyncio.to_thread(_run_tasks, engine, [b] * len(engine.slots))
+    assert all(common_prefix(s.kv_tokens, a) < len(a) - engine.plan.prefill_min for s in engine.slots)
+    assert engine.stats()["parked"] >= 2
+    again = (await asyncio.to_thread(_run_tasks, engine, [a]))[0]
+    # its cells were kept: only the last chunk's minimum is evaluated again
+    assert again.reused_tokens == len(a) - engine.plan.prefill_min > warm
+    assert again.text == first.text
+
+
 async def test_students_asking_together_share_the_passages_evaluated_once(served):
     engine = served.state.engine
     llm = served.state.teacher.llm

@@ -1,7 +1,9 @@
 """The generation engine: one worker thread, the llama context, and a continuous-batching loop.
 
 Requests are tasks in a bounded queue. Between decode steps the worker admits queued tasks into
-free slots (each slot is one KV sequence), reusing the longest cached token prefix any slot holds;
+free slots (each slot is one KV sequence), reusing the longest cached token prefix any slot holds,
+or any of the finished prompts kept in extra sequences ("parked": their cells stay in the cache
+after the slot moves on, so a later student with the same stage and passages skips them);
 every step decodes one token for each generating slot plus a bounded chunk of prompt for slots
 still prefilling, so a long prompt never freezes the others' streams; how many rows each
 llama_decode call holds follows the batch plan (batching.py). A background task (the teacher's
@@ -199,12 +201,16 @@ class GenerationEngine:
         runtime: LlamaRuntime,
         *,
         slots: int,
+        parked: int = 0,
         queue_size: int = 32,
         prefill_chunk: int = 32,
         max_context_per_slot: int | None = None,
     ) -> None:
         self.rt = runtime
         self.slots = [_Slot(seq=i) for i in range(slots)]
+        # finished prompts kept for reuse, least recently used replaced first (sequence ids after
+        # the slots': the runtime needs n_seq >= slots + parked)
+        self.parked = [_Slot(seq=slots + i) for i in range(parked)]
         self.queue_size = queue_size
         # Prompts are evaluated one chunk of about this size per step (the oldest request first),
         # so that one long prompt never freezes the others' streams and a cancel is seen within
@@ -274,6 +280,7 @@ class GenerationEngine:
             "active": active,
             "background": background,
             "slots": len(self.slots),
+            "parked": sum(1 for p in self.parked if p.kv_tokens),
         }
 
     def backlog_tokens(self) -> int:
@@ -444,10 +451,12 @@ class GenerationEngine:
 
         dst = max(free, key=lambda s: (reusable(s), -s.last_used))
         own = reusable(dst)
-        src = max(self.slots, key=reusable)
+        src = max(self.slots + self.parked, key=reusable)
         best = reusable(src)
         if best > own and src is not dst:
-            # borrow another slot's cached prefix: cells are shared, not recomputed
+            # borrow another slot's (or a parked) cached prefix: cells are shared, not recomputed
+            if src in self.parked:
+                src.last_used = time.monotonic()
             self.rt.seq_rm(dst.seq, -1, -1)
             self.rt.seq_cp(src.seq, dst.seq, 0, best)
             dst.kv_tokens = list(prompt[:best])
@@ -551,7 +560,7 @@ class GenerationEngine:
         assert slot.task is not None
         base = len(slot.kv_tokens)
         best, src = base, None
-        for other in self.slots:
+        for other in self.slots + self.parked:
             if other is not slot and (common := self._reusable(other, slot.task.prompt)) > best:
                 best, src = common, other
         if src is None:
@@ -714,6 +723,28 @@ class GenerationEngine:
         self._release(slot)
         task.sink(event)
 
+    def _park(self, slot: _Slot) -> None:
+        """Keep the prompt this slot evaluated in a parked sequence (its cells are shared, not
+        copied), unless one already holds it; a prompt that extends a parked one replaces it."""
+        n = min(slot.prompt_len, len(slot.kv_tokens))
+        if not self.parked or n <= len(self._warm_prefix):
+            return
+        prompt = slot.kv_tokens[:n]
+        now = time.monotonic()
+        target = None
+        for entry in self.parked:
+            common = common_prefix(entry.kv_tokens, prompt)
+            if common == n:  # already kept
+                entry.last_used = now
+                return
+            if entry.kv_tokens and common == len(entry.kv_tokens):
+                target = entry  # this prompt goes further
+        if target is None:
+            target = min(self.parked, key=lambda e: e.last_used)
+        self.rt.seq_rm(target.seq, -1, -1)
+        self.rt.seq_cp(slot.seq, target.seq, 0, n)
+        target.kv_tokens, target.prompt_len, target.last_used = prompt, n, now
+
     def _fail(self, slot: _Slot, message: str) -> None:
         task = slot.task
         self.counters["errors"] += 1
@@ -726,6 +757,7 @@ class GenerationEngine:
             task.sink(ErrorEvent(message))
 
     def _release(self, slot: _Slot) -> None:
+        self._park(slot)
         if slot.sampler is not None:
             slot.sampler.close()
         slot.task = None
