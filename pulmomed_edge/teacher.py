@@ -445,7 +445,9 @@ class TeacherService:
         deadline_s: float | None = flight.joined_by
         if not flight.background:
             budget_s = self.config.budget_s
-            first_token_s, per_token_s = engine.estimate(len(prepared.prompt))
+            # the prompt work is what no slot or parked prompt already holds
+            new_tokens = engine.new_prompt_tokens(prepared.prompt)
+            first_token_s, per_token_s = engine.estimate(new_tokens)
             # as many tokens as fit in what is left of the budget, never more than configured
             left_s = ANSWER_SHARE * budget_s - (time.monotonic() - flight.created)
             affordable = int((left_s - first_token_s) / max(per_token_s, 1e-3))
@@ -456,7 +458,7 @@ class TeacherService:
             grace_s = (1 - ANSWER_SHARE) * budget_s - DELIVERY_MARGIN_S
             # an idle engine always takes the request: estimates from a busy spell must not lock
             # it out
-            if not engine.idle and (late or short or engine.crowds(len(prepared.prompt), grace_s)):
+            if not engine.idle and (late or short or engine.crowds(new_tokens, grace_s)):
                 return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
             max_new = min(max_new, max(MIN_ANSWER_TOKENS, affordable))
             # the engine wraps the answer up before the budget rather than letting it time out

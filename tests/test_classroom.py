@@ -66,6 +66,11 @@ async def wait_idle(engine, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def _prompt_for(llm):
+    """A teacher-format prompt (system part, then `text`) for the served model."""
+    return lambda text: llm.tokenize(llm.template.render(SYSTEM_PROMPT, text, EXPLANATION_LABEL))
+
+
 async def test_sixteen_identical_requests_share_one_generation(served):
     engine = served.state.engine
     await wait_idle(engine)
@@ -252,10 +257,7 @@ async def test_a_finished_prompt_stays_parked_after_its_slot_moves_on(served):
     engine = served.state.engine
     llm = served.state.teacher.llm
     await wait_idle(engine)
-
-    def prompt(text: str) -> list[int]:
-        return llm.tokenize(llm.template.render(SYSTEM_PROMPT, text, EXPLANATION_LABEL))
-
+    prompt = _prompt_for(llm)
     warm = len(served.state.teacher.warm_prefix())
     a = prompt("Fuentes: [1] El estadio IIIA se trata con quimiorradioterapia. Paciente: 61 años.")
     b = prompt("Fuentes: [1] El estadio IA se opera. Paciente: 47 años.")
@@ -264,6 +266,10 @@ async def test_a_finished_prompt_stays_parked_after_its_slot_moves_on(served):
     await asyncio.to_thread(_run_tasks, engine, [b] * len(engine.slots))
     assert all(common_prefix(s.kv_tokens, a) < len(a) - engine.plan.prefill_min for s in engine.slots)
     assert engine.stats()["parked"] >= 2
+    # admission sees it too: only the last chunk's minimum is left to evaluate
+    assert engine.new_prompt_tokens(a) == engine.plan.prefill_min
+    unseen = prompt("Cribado con tomografía de baja dosis en exfumadores de más de veinte paquetes-año.")
+    assert engine.new_prompt_tokens(unseen) > engine.plan.prefill_min
     again = (await asyncio.to_thread(_run_tasks, engine, [a]))[0]
     # its cells were kept: only the last chunk's minimum is evaluated again
     assert again.reused_tokens == len(a) - engine.plan.prefill_min > warm
@@ -401,6 +407,16 @@ async def test_a_student_who_asks_the_backfilled_state_joins_and_promotes_it(set
         assert background.task.deadline == background.joined_by
 
 
+def _background(engine, prompt: list[int], sink, max_new_tokens: int) -> None:
+    """Submit a greedy background task (as the teacher's backfill does) straight to the engine."""
+    params = SamplingParams(temperature=0.0)
+    engine.submit(
+        GenerationTask(
+            prompt=prompt, sink=sink, max_new_tokens=max_new_tokens, params=params, background=True
+        )
+    )
+
+
 def _recorder():
     """A sink factory that appends (tag, event) to one list, in the worker's order."""
     log: list[tuple[str, object]] = []
@@ -420,21 +436,10 @@ async def test_a_background_task_pauses_while_a_students_task_runs(served):
     engine = served.state.engine
     llm = served.state.teacher.llm
     await wait_idle(engine)
-
-    def prompt(text: str) -> list[int]:
-        return llm.tokenize(llm.template.render(SYSTEM_PROMPT, text, EXPLANATION_LABEL))
-
+    prompt = _prompt_for(llm)
     log, sink_for = _recorder()
     greedy = SamplingParams(temperature=0.0)
-    engine.submit(
-        GenerationTask(
-            prompt=prompt("Paciente: 70 años."),
-            sink=sink_for("bg"),
-            max_new_tokens=160,
-            params=greedy,
-            background=True,
-        )
-    )
+    _background(engine, prompt("Paciente: 70 años."), sink_for("bg"), 160)
     await _until(lambda: sum(1 for t, e in log if t == "bg") >= 3, "the background task to write", step=0.005)
     engine.submit(
         GenerationTask(
@@ -457,19 +462,11 @@ async def test_students_who_need_every_slot_take_the_background_tasks(served):
     llm = served.state.teacher.llm
     await wait_idle(engine)
     log, sink_for = _recorder()
-    greedy = SamplingParams(temperature=0.0)
-    text = llm.template.render(SYSTEM_PROMPT, "Paciente: 80 años.", EXPLANATION_LABEL)
-    engine.submit(
-        GenerationTask(
-            prompt=llm.tokenize(text), sink=sink_for("bg"), max_new_tokens=400, params=greedy, background=True
-        )
-    )
+    prompt = _prompt_for(llm)
+    _background(engine, prompt("Paciente: 80 años."), sink_for("bg"), 400)
     await _until(lambda: engine.stats()["background"] == 1, "the background task to take a slot", step=0.005)
     before = engine.counters["preempted"]
-    prompts = [
-        llm.tokenize(llm.template.render(SYSTEM_PROMPT, f"Paciente: {40 + i} años.", EXPLANATION_LABEL))
-        for i in range(len(engine.slots))
-    ]
+    prompts = [prompt(f"Paciente: {40 + i} años.") for i in range(len(engine.slots))]
     results = await asyncio.to_thread(_run_tasks, engine, prompts)
     assert all(r.finish in ("stop", "length") for r in results)
     background_done = [e for t, e in log if t == "bg" and isinstance(e, DoneEvent)]

@@ -299,13 +299,22 @@ class GenerationEngine:
             queued = sum(1 for t in self._queue if not t.background)
         return queued == 0 and not any(s.live for s in self.slots)
 
-    def estimate(self, prompt_tokens: int) -> tuple[float, float]:
-        """(seconds until a new task's first token, seconds per token it then decodes).
+    def new_prompt_tokens(self, prompt: list[int]) -> int:
+        """About how many of this prompt's tokens a task would evaluate if it started now: those
+        no slot and no parked prompt holds already (any thread: each is read as one snapshot)."""
+        held = len(self._warm_prefix)
+        for source in self.slots + self.parked:
+            held = max(held, common_prefix(source.kv_tokens[: source.prompt_len], prompt))
+        return max(min(len(prompt), self.plan.prefill_min), len(prompt) - held)
+
+    def estimate(self, new_tokens: int) -> tuple[float, float]:
+        """(seconds until a new task's first token, seconds per token it then decodes), for a task
+        that evaluates `new_tokens` of its prompt (new_prompt_tokens).
 
         The prompts ahead of it and its own are evaluated a chunk per step, and each of those
         steps also carries the students already writing; afterwards it decodes in steps shared
         with everyone admitted so far (who, in a burst, are all still to start writing)."""
-        backlog = self.backlog_tokens() + max(0, prompt_tokens - len(self._warm_prefix))
+        backlog = self.backlog_tokens() + new_tokens
         busy, step_s = self._with_one_more()
         writing = sum(1 for s in busy if not s.in_prompt)
         first_token = backlog / max(1.0, self.prefill_rate)
@@ -313,12 +322,12 @@ class GenerationEngine:
             first_token += math.ceil(backlog / self.plan.chunk) * self.step_cost.predict(writing)
         return first_token, step_s
 
-    def crowds(self, prompt_tokens: int, grace_s: float = 0.0) -> bool:
-        """Whether a new task of this prompt size, started now, would push an answer already
-        running more than grace_s past its deadline: each running answer still needs its prompt
-        and about a short sentence per remaining section, and every step gets longer with one
-        more student."""
-        new_prompt_s = max(0, prompt_tokens - len(self._warm_prefix)) / max(1.0, self.prefill_rate)
+    def crowds(self, new_tokens: int, grace_s: float = 0.0) -> bool:
+        """Whether a new task evaluating `new_tokens` of its prompt, started now, would push an
+        answer already running more than grace_s past its deadline: each running answer still
+        needs its prompt and about a short sentence per remaining section, and every step gets
+        longer with one more student."""
+        new_prompt_s = new_tokens / max(1.0, self.prefill_rate)
         busy, step_s = self._with_one_more()
         now = time.monotonic()
         for slot in busy:
