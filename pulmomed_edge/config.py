@@ -60,6 +60,9 @@ def manifest_path() -> Path:
     return PACKAGE_DIR / "data" / "models-manifest.json"
 
 
+MAX_PARKED_PREFIXES = 64  # llama.cpp allows 256 sequences in all; each parked prompt is one
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything one server process needs to know; built once by the CLI, passed down."""
@@ -112,6 +115,10 @@ class Settings:
     def __post_init__(self) -> None:
         if _switch(self.grounding) is None and self.grounding.strip().lower() != "auto":
             raise ValueError(f"PULMOMED_GROUNDING={self.grounding!r}: use auto, 1 or 0")
+        if not 0 <= self.parked_prefixes <= MAX_PARKED_PREFIXES:
+            raise ValueError(
+                f"PULMOMED_PARKED_PREFIXES={self.parked_prefixes}: use 0 (off) to {MAX_PARKED_PREFIXES}"
+            )
 
     def grounding_on(self, *, model_added: bool) -> bool:
         """Whether to check answers against their sources with this model (see `grounding`)."""

@@ -276,6 +276,32 @@ async def test_a_finished_prompt_stays_parked_after_its_slot_moves_on(served):
     assert again.text == first.text
 
 
+async def test_a_full_cache_takes_the_cells_of_parked_prompts(served):
+    """A cache sized by hand too small for the parked prompts: they give their cells up instead
+    of the next student's answer failing."""
+    from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
+
+    path = served.state.engine.rt.config.model_path
+    runtime = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=512, n_seq=1 + 4, n_threads=1))
+    engine = GenerationEngine(runtime, slots=1, parked=4, max_context_per_slot=512)
+    engine.start()
+    try:
+        text = "El paciente tiene un tumor pulmonar y recibe tratamiento según las guías. " * 20
+        prompts = [runtime.tokenize(f"Caso {i}: {text}")[:100] for i in range(4)]
+        for prompt in prompts:
+            (done,) = await asyncio.to_thread(_run_tasks, engine, [prompt], max_new_tokens=8)
+            assert done.finish in ("stop", "length")
+        assert engine.stats()["parked"] == 4  # ~400 of the 512 cells
+        longer = runtime.tokenize(f"Caso 9: {text}")[:150]
+        (done,) = await asyncio.to_thread(_run_tasks, engine, [longer], max_new_tokens=8)
+        assert done.finish in ("stop", "length") and done.new_tokens > 0
+        assert engine.counters["errors"] == 0
+        assert engine.stats()["parked"] == 1  # the others made room; this prompt is kept now
+    finally:
+        engine.stop()
+        runtime.close()
+
+
 async def test_students_asking_together_share_the_passages_evaluated_once(served):
     engine = served.state.engine
     llm = served.state.teacher.llm

@@ -87,6 +87,8 @@ async def test_grounding_check_is_off_for_a_model_the_lab_added_unless_asked_for
     assert not Settings(grounding="0").grounding_on(model_added=False)
     with pytest.raises(ValueError, match="PULMOMED_GROUNDING"):
         Settings(grounding="sometimes")
+    with pytest.raises(ValueError, match="PULMOMED_PARKED_PREFIXES"):
+        Settings.from_env({"PULMOMED_PARKED_PREFIXES": "-1"})
 
 
 async def _health(served) -> dict:

@@ -529,6 +529,8 @@ class GenerationEngine:
             in_prompt = sum(n for slot, n in parts if slot.in_prompt)
             started = time.monotonic()
             rc = self.rt.decode(entries)
+            if rc == 1 and self._unpark_all():  # no room left in the cache: parked prompts make it
+                rc = self.rt.decode(entries)
             seconds = time.monotonic() - started
             if in_prompt:
                 prompt_rows += in_prompt
@@ -753,6 +755,16 @@ class GenerationEngine:
         self.rt.seq_rm(target.seq, -1, -1)
         self.rt.seq_cp(slot.seq, target.seq, 0, n)
         target.kv_tokens, target.prompt_len, target.last_used = prompt, n, now
+
+    def _unpark_all(self) -> bool:
+        """Give up every parked prompt's cells (a full cache needs them more); whether any held some."""
+        held = [entry for entry in self.parked if entry.kv_tokens]
+        for entry in held:
+            self.rt.seq_rm(entry.seq, -1, -1)
+            entry.kv_tokens, entry.prompt_len, entry.last_used = [], 0, 0.0
+        if held:
+            log.warning("KV cache full: %d parked prompts released", len(held))
+        return bool(held)
 
     def _fail(self, slot: _Slot, message: str) -> None:
         task = slot.task
