@@ -19,6 +19,7 @@ import os
 import random
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -74,6 +75,13 @@ def add_bench_parser(sub: Any) -> None:
         "--invariance",
         action="store_true",
         help="only: greedy answers to --headsets prompts, batched vs alone, identical or not",
+    )
+    b.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="with --spawn: repeat our run this many times, each on a fresh server (cold cache), and "
+        "report the spread (min / median / max); the table shows the first run",
     )
     b.add_argument("--seed", type=int, default=1)
     b.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -487,24 +495,18 @@ async def _run(args: argparse.Namespace) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
         return 0
-    proc = None
-    if args.url and not args.spawn:
-        base = _check_loopback(args.url)
-    else:
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = _spawn_server(args, port)
+    if args.runs < 1 or (args.runs > 1 and args.url and not args.spawn):
+        raise SystemExit("--runs needs a spawned server (--spawn) and is at least 1")
     report: dict[str, Any] = {"machine": machine_info(), "args": _args_json(args)}
-    try:
-        await _wait_healthy(base, proc)
-        report["pulmomed"] = await run_load(base, args, proc.pid if proc else None)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    runs = []
+    for i in range(args.runs):
+        # later runs keep their answers only in the report, not in --save-answers
+        run_args = args if i == 0 else argparse.Namespace(**{**vars(args), "save_answers": None})
+        runs.append(await _our_run(run_args))
+    report["pulmomed"] = runs[0]
+    if len(runs) > 1:
+        report["runs"] = runs
+        report["spread"] = spread(runs)
     if args.baseline:
         from .bench_reference import run_baseline
 
@@ -521,6 +523,56 @@ async def _run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
         print(f"\nJSON: {args.json}")
     return 0
+
+
+async def _our_run(args: argparse.Namespace) -> dict[str, Any]:
+    """One load run against a running server on loopback, or a freshly spawned one."""
+    proc = None
+    if args.url and not args.spawn:
+        base = _check_loopback(args.url)
+    else:
+        port = _free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = _spawn_server(args, port)
+    try:
+        await _wait_healthy(base, proc)
+        return await run_load(base, args, proc.pid if proc else None)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+SPREAD_FIELDS = {
+    "fallback rate": ("fallback_rate",),
+    "generations": ("generations",),
+    "cache hits": ("cache_hits",),
+    "tok/s (aggregate)": ("tok_per_s",),
+    "TTFT p50 s": ("ttft_s", "p50"),
+    "end-to-end p99 s": ("e2e_s", "p99"),
+    "prompt tokens": ("prompt_tokens",),
+}
+
+
+def spread(runs: list[dict[str, Any]]) -> dict[str, list[float] | None]:
+    """[min, median, max] of each headline figure over repeated runs (None where a run lacks it)."""
+    out: dict[str, list[float] | None] = {}
+    for label, path in SPREAD_FIELDS.items():
+        values = []
+        for run in runs:
+            v: Any = run
+            for key in path:
+                v = v.get(key) if isinstance(v, dict) else None
+            values.append(v)
+        if any(v is None for v in values):
+            out[label] = None
+            continue
+        values.sort()
+        out[label] = [values[0], statistics.median(values), values[-1]]
+    return out
 
 
 def machine_info() -> dict[str, Any]:
@@ -586,3 +638,8 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"asked again: {again['requests']} requests, answers by model: {again['by_llm_model']}")
     if "ceiling" in report:
         print(f"ceiling (raw batched decode): {report['ceiling'].get('tok_per_s')} tok/s")
+    if "spread" in report:
+        print(f"\nover {len(report['runs'])} runs of ours (min / median / max):")
+        for label, values in report["spread"].items():
+            text = "-" if values is None else " / ".join(f"{v:g}" for v in values)
+            print(f"{label:20s} {text}")

@@ -592,6 +592,19 @@ def test_bench_short_mode_completes_and_reports(settings, tmp_path):
     assert "TTFT p50 s" in proc.stdout
 
 
+def test_bench_repeats_runs_on_fresh_servers_and_reports_the_spread(settings, tmp_path):
+    args = ("--spawn", "--headsets", "2", "--requests", "1", "--max-tokens", "16", "--runs", "2")
+    proc, report = _bench(settings, tmp_path, *args)
+    runs = report["runs"]
+    assert len(runs) == 2 and report["pulmomed"] == runs[0]
+    # each run starts cold: the same questions are generated again, not served from a cache
+    assert all(run["requests"] == 2 and run["cache_hits"] == 0 and run["generations"] >= 1 for run in runs)
+    low, mid, high = report["spread"]["fallback rate"]
+    assert low <= mid <= high
+    assert report["spread"]["generations"][0] >= 1
+    assert "over 2 runs" in proc.stdout
+
+
 def test_bench_invariance_mode_reports_how_many_answers_match(settings, tmp_path):
     args = ("--invariance", "--headsets", "3", "--slots", "2", "--max-tokens", "12")
     _, report = _bench(settings, tmp_path, *args)
