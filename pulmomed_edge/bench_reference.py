@@ -253,7 +253,8 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_invariance(args: argparse.Namespace) -> dict[str, Any]:
     """How many greedy answers come out identical alone and in a batch, with real teacher prompts
-    (one per headset), our engine, `--slots` slots and `--max-tokens` new tokens.
+    (one per headset), our engine as the server runs it (`--slots` slots, its parked prompts) and
+    `--max-tokens` new tokens.
 
     The two runs use two fresh engines, so nothing computed in the batch is reused alone."""
     from .bench import plan_requests
@@ -290,17 +291,19 @@ def _greedy_answers(
     from .engine.runtime import LlamaRuntime, RuntimeConfig
     from .teacher import system_prefix
 
+    parked = settings.parked_prefixes  # as the server runs it
     rt = LlamaRuntime(
         RuntimeConfig(
             model_path=path,
-            n_ctx=args.slots * (settings.max_prompt_tokens + args.max_tokens),
-            n_seq=args.slots,
+            n_ctx=(args.slots + parked) * (settings.max_prompt_tokens + args.max_tokens),
+            n_seq=args.slots + parked,
             n_threads=settings.effective_threads,
         )
     )
     engine = GenerationEngine(
         rt,
         slots=args.slots,
+        parked=parked,
         queue_size=max(32, max(len(b) for b in batches)),
         prefill_chunk=settings.prefill_chunk,
     )
