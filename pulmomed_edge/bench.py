@@ -557,16 +557,19 @@ SPREAD_FIELDS = {
 }
 
 
+def _at(report: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at path in a nested report, or None where a level is missing."""
+    v: Any = report
+    for key in path:
+        v = v.get(key) if isinstance(v, dict) else None
+    return v
+
+
 def spread(runs: list[dict[str, Any]]) -> dict[str, list[float] | None]:
     """[min, median, max] of each headline figure over repeated runs (None where a run lacks it)."""
     out: dict[str, list[float] | None] = {}
     for label, path in SPREAD_FIELDS.items():
-        values = []
-        for run in runs:
-            v: Any = run
-            for key in path:
-                v = v.get(key) if isinstance(v, dict) else None
-            values.append(v)
+        values = [_at(run, path) for run in runs]
         if any(v is None for v in values):
             out[label] = None
             continue
@@ -604,9 +607,7 @@ def print_table(report: dict[str, Any]) -> None:
     ours, base = report.get("pulmomed", {}), report.get("baseline", {})
 
     def cell(d: dict, *path: str) -> str:
-        v: Any = d
-        for p in path:
-            v = v.get(p) if isinstance(v, dict) else None
+        v = _at(d, path)
         return "-" if v is None else str(v)
 
     for label, path in [

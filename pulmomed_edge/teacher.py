@@ -165,6 +165,11 @@ class TeacherConfig:
     grounding: bool = True  # withhold the model's sentences the sources do not support
     stream_sentences: bool = True  # with grounding: stream whole checked sentences only
 
+    @property
+    def checked_stream(self) -> bool:
+        """Whether students are streamed only whole sentences that passed the grounding check."""
+        return self.grounding and self.stream_sentences
+
 
 class TeacherService:
     def __init__(
@@ -489,8 +494,7 @@ class TeacherService:
         tracker = SectionTracker()
         # with the grounding check on, students get whole checked sentences: never one that the
         # final answer then takes back
-        checked = self.config.grounding and self.config.stream_sentences
-        gate = SentenceGate(prepared.support) if checked else None
+        gate = SentenceGate(prepared.support) if self.config.checked_stream else None
         # the fallback must reach the student within the budget, not just leave this coroutine
         deadline = flight.created + budget_s - DELIVERY_MARGIN_S
         while True:
@@ -546,7 +550,7 @@ class TeacherService:
         never takes back a sentence a headset displayed; a section with none is the grounded
         summary's. (Streamed pieces of words are not kept: `done` replaces them, as it always has.)"""
         fallback = self._extractive(flight.prepared)
-        if not (self.config.grounding and self.config.stream_sentences) or not flight.deltas:
+        if not self.config.checked_stream or not flight.deltas:
             return self._response(flight.prepared, fallback, "fallback-timeout")
         shown = {"explicacion": "", "recomendacion": ""}
         for seccion, texto in flight.deltas:

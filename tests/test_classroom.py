@@ -157,7 +157,7 @@ async def test_an_answer_out_of_time_keeps_the_sentences_already_streamed(served
     right after the first checked sentence reached the student: `done` keeps that sentence
     instead of replacing it, and only the section nobody saw is the grounded summary's."""
     teacher = served.state.teacher
-    assert teacher.config.grounding and teacher.config.stream_sentences
+    assert teacher.config.checked_stream
     timed_out = None
     for age in (33, 43, 53, 63, 73):  # the test model may finish before the cancel lands
         state = parse_state({**seed, "age": age}, teacher.library.ids)

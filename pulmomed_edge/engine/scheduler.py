@@ -301,10 +301,9 @@ class GenerationEngine:
 
     def new_prompt_tokens(self, prompt: list[int]) -> int:
         """About how many of this prompt's tokens a task would evaluate if it started now: those
-        no slot and no parked prompt holds already (any thread: each is read as one snapshot)."""
-        held = len(self._warm_prefix)
-        for source in self.slots + self.parked:
-            held = max(held, common_prefix(source.kv_tokens[: source.prompt_len], prompt))
+        no slot and no parked prompt holds already, as `_assign` would reuse them (any thread:
+        `_reusable` reads each source as one list slice)."""
+        held = max([len(self._warm_prefix)] + [self._reusable(s, prompt) for s in self.slots + self.parked])
         return max(min(len(prompt), self.plan.prefill_min), len(prompt) - held)
 
     def estimate(self, new_tokens: int) -> tuple[float, float]:
