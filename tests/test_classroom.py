@@ -234,6 +234,14 @@ def _texts(engine, batch: list[list[int]], **task: object) -> list[str]:
     return [event.text for event in _run_tasks(engine, batch, **task)]
 
 
+# ROUNDING. The same tokens computed in other cells of the cache, or in chunks on the other side of
+# the 64-row switch (engine/batching.py), come out with other logits: 0.5-0.8 apart at most with
+# the test model, where a different patient in the question moves them 1.6 (BENCHMARKS.md,
+# seventh round). So greedy texts are compared only where both runs compute alike (a fresh engine,
+# chunks within one class); where a prompt reuses cells computed for another, a test checks what
+# was evaluated and that the cache holds what the engine's books say.
+
+
 async def test_greedy_output_is_the_same_alone_and_in_a_batch(served):
     """The common case; not a guarantee on llama.cpp's CPU kernels (engine/batching.py): with the
     default model 11 of 16 real prompts came out identical (`bench --invariance`, BENCHMARKS.md).
@@ -287,7 +295,28 @@ async def test_a_finished_prompt_stays_parked_after_its_slot_moves_on(served):
     again = (await asyncio.to_thread(_run_tasks, engine, [a]))[0]
     # its cells were kept: only the last chunk's minimum is evaluated again
     assert again.reused_tokens == len(a) - engine.plan.prefill_min > warm
-    assert again.text == first.text
+    assert first.text and again.text and again.finish in ("stop", "length")
+    # the text itself may differ: a chunk of another size rounds otherwise (ROUNDING, above)
+    assert engine.memory_mismatches() == []
+
+
+async def test_the_engine_sees_a_cache_that_no_longer_matches_its_books(served):
+    from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
+
+    path = served.state.engine.rt.config.model_path
+    runtime = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=512, n_seq=2, n_threads=1))
+    engine = GenerationEngine(runtime, slots=1, parked=1, max_context_per_slot=256)
+    engine.start()
+    try:
+        prompt = runtime.tokenize("Caso clínico: estadio IIIA, quimiorradioterapia y después durvalumab.")
+        (done,) = await asyncio.to_thread(_run_tasks, engine, [prompt], max_new_tokens=8)
+        assert done.new_tokens and engine.memory_mismatches() == []
+        runtime.seq_rm(engine.parked[0].seq, 4, -1)  # cells lost behind the engine's back
+        (mismatch,) = engine.memory_mismatches()
+        assert mismatch.startswith(f"parked seq {engine.parked[0].seq}: cache holds (0, 3)")
+    finally:
+        engine.stop()
+        runtime.close()
 
 
 async def test_a_full_cache_takes_the_cells_of_parked_prompts(served):
@@ -347,7 +376,10 @@ async def test_students_asking_together_share_the_passages_evaluated_once(served
     # `a` evaluated after the system prompt, `b` only from where the two prompts part (or a
     # whole minimum chunk before its end)
     assert evaluated <= (len(a) - warm) + (len(b) - min(common, len(b) - engine.plan.prefill_min))
-    assert alone[0] and together[1] == alone[0]
+    # both answered, and every sequence's cells are where the engine's books say (the texts need
+    # not match b's alone: the shared part was computed in other chunks, ROUNDING above)
+    assert alone[0] and all(together)
+    assert engine.memory_mismatches() == []
 
 
 async def test_full_queue_answers_fallback_busy_at_once(served):

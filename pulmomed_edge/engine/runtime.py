@@ -129,6 +129,13 @@ class LlamaRuntime:
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         self.lib.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
 
+    def seq_positions(self, seq: int) -> tuple[int, int]:
+        """The first and last position the cache holds for `seq`; (-1, -1) when it holds none."""
+        return (
+            int(self.lib.llama_memory_seq_pos_min(self.memory, seq)),
+            int(self.lib.llama_memory_seq_pos_max(self.memory, seq)),
+        )
+
     # --- decoding -------------------------------------------------------------------------
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> int:
         """Decode (token, pos, seq, wants_logits) entries in one llama_decode; returns its code."""

@@ -283,6 +283,18 @@ class GenerationEngine:
             "parked": sum(1 for p in self.parked if p.kv_tokens),
         }
 
+    def memory_mismatches(self) -> list[str]:
+        """Where llama.cpp's cache disagrees with what the engine believes each sequence holds;
+        empty when all agree. Reads the context, so call it only while no task runs."""
+        found = []
+        for kind, entries in (("slot", self.slots), ("parked", self.parked)):
+            for entry in entries:
+                expected = (0, len(entry.kv_tokens) - 1) if entry.kv_tokens else (-1, -1)
+                held = self.rt.seq_positions(entry.seq)
+                if held != expected:
+                    found.append(f"{kind} seq {entry.seq}: cache holds {held}, engine expects {expected}")
+        return found
+
     def backlog_tokens(self) -> int:
         """Prompt tokens still to evaluate for students: queued tasks (beyond the shared prefix)
         and slots (background tasks pause while students' work goes on, so they do not count)."""
