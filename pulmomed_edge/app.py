@@ -150,7 +150,6 @@ async def load_components(state: ServerState) -> None:
     llm = None
     try:
         llm = await asyncio.to_thread(_open_llm, store, settings, state)
-        state.components["llm"].status = "ready"
     except Exception as exc:
         log.error("LLM failed: %s", exc)
         state.components["llm"].fail(exc)
@@ -173,12 +172,20 @@ async def load_components(state: ServerState) -> None:
             ),
             llm=llm,
         )
-        if llm is not None:
-            prefix = await asyncio.to_thread(state.teacher.warm_prefix)
-            llm.engine.start(warm_prefix=prefix)
-            state.teacher.start_backfill()
-    elif llm is not None:
-        llm.engine.start()
+    if llm is not None:
+        # "ready" only once the engine runs: health must not say healthy while a question would
+        # still find no engine (the warm-up below yields to the event loop)
+        try:
+            if state.teacher is not None:
+                prefix = await asyncio.to_thread(state.teacher.warm_prefix)
+                llm.engine.start(warm_prefix=prefix)
+                state.teacher.start_backfill()
+            else:
+                llm.engine.start()
+            state.components["llm"].status = "ready"
+        except Exception as exc:
+            log.error("LLM failed to start: %s", exc)
+            state.components["llm"].fail(exc)
     log.info("PulmoMed Edge: %s", state.status)
 
 
