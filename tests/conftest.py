@@ -101,7 +101,9 @@ async def start_server(settings: Settings, *, wait: bool = True) -> tuple[TestSe
     return server, session
 
 
-async def wait_ready(server: TestServer, session: ClientSession, timeout: float = 120.0) -> dict:
+async def wait_ready(
+    server: TestServer, session: ClientSession, timeout: float = 120.0, poll: float = 0.1
+) -> dict:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         async with session.get(server.make_url("/api/v1/health")) as resp:
@@ -110,7 +112,7 @@ async def wait_ready(server: TestServer, session: ClientSession, timeout: float 
             return body
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"server still starting: {body}")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(poll)
 
 
 @contextlib.asynccontextmanager

@@ -19,8 +19,9 @@ async def test_health_is_503_starting_while_loading_then_200(settings):
         assert resp.status == 503
         assert resp.headers["Retry-After"].isdigit()
         assert "iniciando" in busy["error"]
-        body = await wait_ready(server, session)
+        body = await wait_ready(server, session, poll=0.01)
         assert body["status"] == "healthy"
+        assert served.state.engine.running  # healthy means a question finds the engine running
         async with session.get(server.make_url("/api/v1/health")) as resp:
             assert resp.status == 200
             plan = (await resp.json())["components"]["llm"]["batch_plan"]

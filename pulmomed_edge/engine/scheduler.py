@@ -257,7 +257,7 @@ class GenerationEngine:
 
     def submit(self, task: GenerationTask) -> None:
         with self._cv:
-            if self._stopping or self._thread is None or not self._thread.is_alive():
+            if not self.running:
                 raise EngineStopped(self.failure or "engine not running")
             if len(self._queue) >= self.queue_size:
                 raise EngineBusy("queue full")
@@ -268,6 +268,11 @@ class GenerationEngine:
                 )
             self._queue.append(task)
             self._cv.notify()
+
+    @property
+    def running(self) -> bool:
+        """Started, not failed and not shutting down: submit() takes tasks."""
+        return not self._stopping and self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict[str, int]:
         with self._cv:
