@@ -127,7 +127,7 @@ class Flight:
     cancel: Callable[[], None] | None = None
     result: asyncio.Future[TeacherResponse] | None = None
     runner: asyncio.Task[None] | None = None
-    background: bool = False  # a backfill: started with nobody asking (it may be joined later)
+    backfill: bool = False  # started by the backfill with nobody asking (stays so once joined)
     attempt: int = 0  # a backfill's attempt at this state (1, 2…); 0 for a student's request
     preempted: bool = False  # a backfill that gave its slot to a student, or stopped unsubmitted
     created: float = 0.0  # time.monotonic() when it started: its budget runs from here
@@ -137,7 +137,7 @@ class Flight:
     def promote(self, deadline: float) -> None:
         """A student joined this backfill: from now on it runs as their generation, and wraps up
         by their deadline (the earliest joiner's)."""
-        if not self.background or self.joined_by is not None:
+        if not self.backfill or self.joined_by is not None:
             return
         self.joined_by = deadline
         if self.task is not None:
@@ -315,11 +315,11 @@ class TeacherService:
             give_up = time.monotonic() + self.config.budget_s - DELIVERY_MARGIN_S
             while not flight.result.done():
                 getter = asyncio.ensure_future(queue.get())
-                wait = max(0.0, give_up - time.monotonic()) if flight.background else None
+                wait = max(0.0, give_up - time.monotonic()) if flight.backfill else None
                 await asyncio.wait({getter, flight.result}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
                     getter.cancel()
-                    if not flight.result.done() and flight.background and time.monotonic() >= give_up:
+                    if not flight.result.done() and flight.backfill and time.monotonic() >= give_up:
                         break
                     continue
                 kind, data = getter.result()
@@ -335,12 +335,12 @@ class TeacherService:
         finally:
             flight.listeners.remove(queue)
             flight.members -= 1
-            if flight.members == 0 and flight.cancel and not flight.result.done() and not flight.background:
+            if flight.members == 0 and flight.cancel and not flight.result.done() and not flight.backfill:
                 flight.cancel()  # nobody is listening any more: free the slot
 
-    def _launch(self, prepared: Prepared, *, background: bool = False, attempt: int = 0) -> Flight:
+    def _launch(self, prepared: Prepared, *, backfill: bool = False, attempt: int = 0) -> Flight:
         """Register a flight for this state (identical requests join it) and start generating."""
-        flight = Flight(prepared, background=background, attempt=attempt, created=time.monotonic())
+        flight = Flight(prepared, backfill=backfill, attempt=attempt, created=time.monotonic())
         flight.result = asyncio.get_running_loop().create_future()
         self._flights[prepared.key] = flight
         flight.runner = asyncio.create_task(self._fly(flight))
@@ -355,7 +355,7 @@ class TeacherService:
             if not response.llm_model.startswith("fallback-"):
                 self.cache.put(key, response)
                 self._missed.pop(key, None)
-                if flight.background:
+                if flight.backfill:
                     self.backfilled += 1
             elif response.llm_model in BUSY_KINDS:
                 self._remember_miss(flight)
@@ -383,7 +383,7 @@ class TeacherService:
         self._cancel_backfills()
 
     def backfill_stats(self) -> dict[str, int]:
-        running = sum(1 for f in self._flights.values() if f.background)
+        running = sum(1 for f in self._flights.values() if f.backfill)
         return {
             "pending": len(self._missed),
             "running": running,
@@ -416,7 +416,7 @@ class TeacherService:
         now = time.monotonic()
         if not self._missed or now - self._last_live < BACKFILL_QUIET_S:
             return
-        running = [f for f in self._flights.values() if f.background]
+        running = [f for f in self._flights.values() if f.backfill]
         while self._missed and len(running) < BACKFILL_AT_ONCE:
             key, (prepared, attempts, missed_at) = self._missed.popitem(last=True)
             if now - missed_at > BACKFILL_MAX_AGE_S:
@@ -424,13 +424,13 @@ class TeacherService:
                 return
             if key in self._flights or key in self.cache:
                 continue
-            running.append(self._launch(prepared, background=True, attempt=attempts + 1))
+            running.append(self._launch(prepared, backfill=True, attempt=attempts + 1))
             self.backfill_started += 1
 
     def _cancel_backfills(self) -> None:
         """Cancel running backfills (shutdown)."""
         for flight in list(self._flights.values()):
-            if flight.background and not flight.preempted:
+            if flight.backfill and not flight.preempted:
                 flight.preempted = True  # one not yet submitted stops before it is
                 if flight.cancel is not None:
                     flight.cancel()
@@ -448,7 +448,7 @@ class TeacherService:
         # student joins it: then it wraps up by their deadline)
         max_new, budget_s = self.config.max_new_tokens, BACKFILL_TIMEOUT_S
         deadline_s: float | None = flight.joined_by
-        if not flight.background:
+        if not flight.backfill:
             budget_s = self.config.budget_s
             # the prompt work is what no slot or parked prompt already holds
             new_tokens = engine.new_prompt_tokens(prepared.prompt)
@@ -475,7 +475,7 @@ class TeacherService:
             grammar=ANSWER_GRAMMAR,
             params=self.config.sampling,
             deadline=deadline_s,
-            background=flight.background and flight.joined_by is None,
+            background=flight.backfill and flight.joined_by is None,
             **answer_budget(max_new),
         )
         flight.cancel = task.cancel.set

@@ -445,17 +445,17 @@ async def test_a_student_goes_first_and_the_backfill_waits_then_finishes(setting
         status, first = await _busy_answer(served, busy_state)
         assert status == 200 and first["llm_model"] == "fallback-busy"
         await _until(lambda: teacher.backfill_stats()["running"] == 1, "the backfill to start", step=0.01)
-        background = next(f for f in teacher._flights.values() if f.background)
-        assert background.members == 0
+        backfill = next(f for f in teacher._flights.values() if f.backfill)
+        assert backfill.members == 0
         await _until(lambda: engine.stats()["background"] == 1, "the backfill to reach a slot", step=0.01)
         assert engine.idle  # a background task leaves the engine free for students
         status, live = await post(served, {**seed, "age": 45})
         assert status == 200
         assert live["llm_model"] == teacher.llm.name and live["cache"] == "miss"
         # the backfill paused for the student instead of being thrown away, then went on
-        assert not background.preempted
+        assert not backfill.preempted
         await _until(lambda: teacher.backfilled == 1, "the backfill to finish")
-        assert background.result.result().llm_model == teacher.llm.name
+        assert backfill.result.result().llm_model == teacher.llm.name
         assert engine.counters["preempted"] == 0
         status, again = await post(served, busy_state)
         assert again["cache"] == "hit" and again["llm_model"] == teacher.llm.name
@@ -469,14 +469,14 @@ async def test_a_student_who_asks_the_backfilled_state_joins_and_promotes_it(set
         status, first = await _busy_answer(served, busy_state)
         assert status == 200 and first["llm_model"] == "fallback-busy"
         await _until(lambda: teacher.backfill_stats()["running"] == 1, "the backfill to start", step=0.01)
-        background = next(f for f in teacher._flights.values() if f.background)
+        backfill = next(f for f in teacher._flights.values() if f.backfill)
         status, joined = await post(served, busy_state)
         assert status == 200
         # the student got the model's answer from the running backfill, which took their deadline
         assert joined["cache"] == "shared" and joined["llm_model"] == teacher.llm.name
-        assert background.joined_by is not None
-        assert background.task is not None and not background.task.background
-        assert background.task.deadline == background.joined_by
+        assert backfill.joined_by is not None
+        assert backfill.task is not None and not backfill.task.background
+        assert backfill.task.deadline == backfill.joined_by
 
 
 def _background(engine, prompt: list[int], sink, max_new_tokens: int) -> None:
@@ -562,10 +562,10 @@ async def test_backfill_remembers_newest_states_and_gives_up_after_two_tries(ser
     a = live.prepare(parse_state(seed, live.library.ids))
     b, c = (dataclasses.replace(a, key=f"{a.key}-{n}") for n in "bc")
     service._remember_miss(teacher_mod.Flight(a))  # a student's miss
-    service._remember_miss(teacher_mod.Flight(b, background=True, attempt=1))  # preempted once
-    service._remember_miss(teacher_mod.Flight(c, background=True, attempt=2))  # second try failed
+    service._remember_miss(teacher_mod.Flight(b, backfill=True, attempt=1))  # preempted once
+    service._remember_miss(teacher_mod.Flight(c, backfill=True, attempt=2))  # second try failed
     assert [(k, n) for k, (_, n, _) in service._missed.items()] == [(a.key, 0), (b.key, 1)]
-    service._remember_miss(teacher_mod.Flight(b, background=True, attempt=2, preempted=True))
+    service._remember_miss(teacher_mod.Flight(b, backfill=True, attempt=2, preempted=True))
     assert service._missed[b.key][1] == 1  # a student took that try's slot: it does not count
     service._remember_miss(teacher_mod.Flight(a))  # asked again: newest now
     assert list(service._missed) == [b.key, a.key]
