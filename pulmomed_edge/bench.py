@@ -418,7 +418,12 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
     # background generations for states that got a busy fallback, started while no student waited
     # (included in generations and new tokens), and those that finished (they pause for students)
     for name in ("started", "answered"):
-        summary[f"backfill_{name}"] = _backfill(after, name) - _backfill(before, name)
+        summary[f"backfill_{name}"] = _activity(after, "backfill", name) - _activity(before, "backfill", name)
+    # answers that ran out of budget, by when: no word yet, while writing, a joined backfill
+    for stage in ("waiting", "writing", "joined"):
+        summary[f"timeouts_{stage}"] = _activity(after, "timeouts", stage) - _activity(
+            before, "timeouts", stage
+        )
     if args.save_answers:
         save_answers(args.save_answers, outcomes)
     repeats = [o for o in outcomes if o.repeat]
@@ -440,8 +445,8 @@ def save_answers(path: Path, outcomes: list[Outcome]) -> None:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _backfill(health: dict, counter: str) -> int:
-    return int(health.get("activity", {}).get("backfill", {}).get(counter, 0))
+def _activity(health: dict, group: str, counter: str) -> int:
+    return int(health.get("activity", {}).get(group, {}).get(counter, 0))
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -554,6 +559,8 @@ SPREAD_FIELDS = {
     "TTFT p50 s": ("ttft_s", "p50"),
     "end-to-end p99 s": ("e2e_s", "p99"),
     "prompt tokens": ("prompt_tokens",),
+    "timeouts waiting": ("timeouts_waiting",),
+    "timeouts writing": ("timeouts_writing",),
 }
 
 
@@ -619,6 +626,9 @@ def print_table(report: dict[str, Any]) -> None:
         ("generations", ("generations",)),
         ("backfill started", ("backfill_started",)),
         ("backfill answered", ("backfill_answered",)),
+        ("timeouts waiting", ("timeouts_waiting",)),
+        ("timeouts writing", ("timeouts_writing",)),
+        ("timeouts joined", ("timeouts_joined",)),
         ("cache hits", ("cache_hits",)),
         ("cache hit p99 ms", ("cache_hit_e2e_ms", "p99")),
         ("tok/s (aggregate)", ("tok_per_s",)),

@@ -203,6 +203,10 @@ class TeacherService:
         self.backfilled = 0  # answers generated in the background and cached
         # model answers checked against their sources; those trimmed; sentences withheld
         self.grounding = {"answers": 0, "trimmed": 0, "sentences": 0}
+        # answers that ran out of budget: before their first word (admission misjudged the wait),
+        # while writing (the steps got slower than the deadline allowed for), or a backfill a
+        # student joined that could not finish in their budget
+        self.timeouts = {"waiting": 0, "writing": 0, "joined": 0}
 
     # --- preparation (worker thread) -------------------------------------------------------
     def retrieve(self, state: CanonicalState, case: LibraryCase | None) -> list[PassageLike]:
@@ -329,7 +333,11 @@ class TeacherService:
                 kind, data = queue.get_nowait()
                 if kind == "delta":
                     yield "delta", {"seccion": data[0], "texto": data[1]}
-            response = flight.result.result() if flight.result.done() else self._timed_out(flight)
+            if flight.result.done():
+                response = flight.result.result()
+            else:
+                self.timeouts["joined"] += 1
+                response = self._timed_out(flight)
             self.recent.record(answer_kind(response.llm_model))
             yield "done", _timed(response, started, role)
         finally:
@@ -448,6 +456,7 @@ class TeacherService:
         # student joins it: then it wraps up by their deadline)
         max_new, budget_s = self.config.max_new_tokens, BACKFILL_TIMEOUT_S
         deadline_s: float | None = flight.joined_by
+        first_token_s = 0.0
         if not flight.backfill:
             budget_s = self.config.budget_s
             # the prompt work is what no slot or parked prompt already holds
@@ -497,13 +506,17 @@ class TeacherService:
         gate = SentenceGate(prepared.support) if self.config.checked_stream else None
         # the fallback must reach the student within the budget, not just leave this coroutine
         deadline = flight.created + budget_s - DELIVERY_MARGIN_S
+        first_text: float | None = None
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 task.cancel.set()  # the worker frees the slot at its next step
+                self._note_timeout(flight, first_token_s, first_text)
                 return self._timed_out(flight)
             if isinstance(event, TextEvent):
+                if first_text is None:
+                    first_text = time.monotonic() - flight.created
                 for section, text in tracker.feed(event.text):
                     for delta in gate.feed(section, text) if gate else [(section, text)]:
                         flight.publish("delta", delta)
@@ -543,6 +556,19 @@ class TeacherService:
 
     def _fallback(self, prepared: Prepared, reason: str) -> TeacherResponse:
         return self._response(prepared, self._extractive(prepared), reason)
+
+    def _note_timeout(self, flight: Flight, predicted_s: float, first_text: float | None) -> None:
+        """Count an answer that ran out of budget, and log what admission expected of it."""
+        stage = "waiting" if first_text is None else "writing"
+        self.timeouts[stage] += 1
+        engine = self.llm.engine if self.llm else None
+        log.warning(
+            "answer out of time (%s): first word expected after %.1f s, %s; engine now: %s",
+            stage,
+            predicted_s,
+            "none written" if first_text is None else f"first written after {first_text:.1f} s",
+            engine.stats() if engine else "-",
+        )
 
     def _timed_out(self, flight: Flight) -> TeacherResponse:
         """The fallback for an answer that ran out of time, keeping what its students were already

@@ -181,6 +181,7 @@ async def test_fallback_timeout_answers_from_passages_and_frees_the_slot(served)
     teacher = served.state.teacher
     original = teacher.config
     teacher.config = replace(original, budget_s=0.05, admit_share=float("inf"))  # admit, then time out
+    waited = teacher.timeouts["waiting"]
     try:
         status, body = await post(served, {"age": 81, "pack_years": 70, "sensitive_tumor_volume": 90.0})
     finally:
@@ -188,6 +189,9 @@ async def test_fallback_timeout_answers_from_passages_and_frees_the_slot(served)
     assert status == 200
     assert body["llm_model"] == body["model_used"] == "fallback-timeout"
     assert body["explicacion"] and body["recomendacion"] and body["fuentes"]
+    # counted by when it ran out: before the model wrote a word
+    async with served.session.get(served.url("/api/v1/health")) as resp:
+        assert (await resp.json())["activity"]["timeouts"]["waiting"] == waited + 1
     for _ in range(250):  # the worker frees the slot at its next decode step
         if served.state.engine.stats()["active"] == 0:
             break

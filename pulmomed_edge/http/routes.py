@@ -178,6 +178,7 @@ def health_body(state: ServerState) -> dict[str, Any]:
         body["activity"] = {
             **teacher.recent.summary(),
             "backfill": teacher.backfill_stats(),
+            "timeouts": dict(teacher.timeouts),
             "grounding": {"enabled": teacher.config.grounding, **teacher.grounding},
         }
     return body
