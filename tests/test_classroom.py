@@ -529,6 +529,37 @@ async def test_a_background_task_pauses_while_a_students_task_runs(served):
     assert background_done.finish in ("stop", "length") and "bg" in order[live_done:]
 
 
+async def test_a_newer_prompt_waits_while_an_answer_past_its_deadline_ends(served):
+    """An answer already writing whose deadline has come gets decode-only steps: the newer
+    student's prompt is evaluated after it ends, not in the steps it needs to end in time."""
+    engine = served.state.engine
+    llm = served.state.teacher.llm
+    await wait_idle(engine)
+    prompt = _prompt_for(llm)
+    log, sink_for = _recorder()
+    greedy = SamplingParams(temperature=0.0)
+    late = GenerationTask(
+        prompt=prompt("Paciente: 66 años, estadio IIB."),
+        sink=sink_for("late"),
+        max_new_tokens=48,
+        params=greedy,
+        deadline=time.monotonic(),  # its time is up as soon as it writes
+    )
+    engine.submit(late)
+    await _until(lambda: any(t == "late" for t, e in log), "the first answer to write", step=0.005)
+    before = engine.counters["deferred_chunks"]
+    newer = "Fuentes: " + "el estadio IIIA se trata con quimiorradioterapia y después durvalumab. " * 6
+    engine.submit(GenerationTask(prompt=prompt(newer), sink=sink_for("new"), max_new_tokens=8, params=greedy))
+    await _until(lambda: sum(isinstance(e, DoneEvent) for t, e in log) == 2, "both answers")
+    order = [t for t, e in log]
+    late_done = next(i for i, (t, e) in enumerate(log) if t == "late" and isinstance(e, DoneEvent))
+    # the first answer ended before the newer one wrote a word, and the newer one still answered
+    assert order.index("new") > late_done
+    newer_done = next(e for t, e in log if t == "new" and isinstance(e, DoneEvent))
+    assert newer_done.finish in ("stop", "length") and newer_done.new_tokens > 0
+    assert engine.counters["deferred_chunks"] > before
+
+
 async def test_students_who_need_every_slot_take_the_background_tasks(served):
     engine = served.state.engine
     llm = served.state.teacher.llm
