@@ -642,7 +642,9 @@ class GenerationEngine:
         that is already writing too little time to end by its deadline: then this step decodes
         only, and the chunk waits. A chunk costs about as much as several decode-only steps, so in
         a busy class the answers admitted first would otherwise run out of time while newer
-        prompts are evaluated (every timeout in three class runs did: BENCHMARKS.md, seventh
+        prompts are evaluated: every timeout in three class runs came while writing, with the
+        first word on time. Held back this way, timeouts and busy fallbacks both dropped; held
+        back only once an answer's deadline had passed, timeouts stayed (BENCHMARKS.md, seventh
         round)."""
         chunk_s = prompt_rows / max(1.0, self.prefill_rate)
         step_s = self.step_cost.predict(len(decoding))
