@@ -209,6 +209,9 @@ async def test_client_that_disconnects_frees_its_slot(served):
     assert engine.counters["cancelled"] == before + 1
 
 
+GREEDY = SamplingParams(temperature=0.0)
+
+
 def _run_tasks(engine, batch: list[list[int]], **task: object) -> list[DoneEvent]:
     """Submit the prompts at once (greedy unless told otherwise) and wait for all of them."""
     results: dict[int, DoneEvent] = {}
@@ -223,7 +226,7 @@ def _run_tasks(engine, batch: list[list[int]], **task: object) -> list[DoneEvent
 
         return sink
 
-    task = {"max_new_tokens": 16, "params": SamplingParams(temperature=0.0), **task}
+    task = {"max_new_tokens": 16, "params": GREEDY, **task}
     for i, prompt in enumerate(batch):
         engine.submit(GenerationTask(prompt=prompt, sink=sink_for(i), **task))
     assert done.wait(120)
@@ -481,10 +484,9 @@ async def test_a_student_who_asks_the_backfilled_state_joins_and_promotes_it(set
 
 def _background(engine, prompt: list[int], sink, max_new_tokens: int) -> None:
     """Submit a greedy background task (as the teacher's backfill does) straight to the engine."""
-    params = SamplingParams(temperature=0.0)
     engine.submit(
         GenerationTask(
-            prompt=prompt, sink=sink, max_new_tokens=max_new_tokens, params=params, background=True
+            prompt=prompt, sink=sink, max_new_tokens=max_new_tokens, params=GREEDY, background=True
         )
     )
 
@@ -504,18 +506,21 @@ def _recorder():
     return log, sink_for
 
 
-async def test_a_background_task_pauses_while_a_students_task_runs(served):
+async def _idle_engine(served):
+    """The shared engine once idle, a teacher-format prompt maker, and an event recorder."""
     engine = served.state.engine
-    llm = served.state.teacher.llm
     await wait_idle(engine)
-    prompt = _prompt_for(llm)
     log, sink_for = _recorder()
-    greedy = SamplingParams(temperature=0.0)
+    return engine, _prompt_for(served.state.teacher.llm), log, sink_for
+
+
+async def test_a_background_task_pauses_while_a_students_task_runs(served):
+    engine, prompt, log, sink_for = await _idle_engine(served)
     _background(engine, prompt("Paciente: 70 años."), sink_for("bg"), 160)
     await _until(lambda: sum(1 for t, e in log if t == "bg") >= 3, "the background task to write", step=0.005)
     engine.submit(
         GenerationTask(
-            prompt=prompt("Paciente: 50 años."), sink=sink_for("live"), max_new_tokens=24, params=greedy
+            prompt=prompt("Paciente: 50 años."), sink=sink_for("live"), max_new_tokens=24, params=GREEDY
         )
     )
     await _until(lambda: any(t == "bg" and isinstance(e, DoneEvent) for t, e in log), "the background task")
@@ -532,24 +537,19 @@ async def test_a_background_task_pauses_while_a_students_task_runs(served):
 async def test_a_newer_prompt_waits_while_an_answer_past_its_deadline_ends(served):
     """An answer already writing whose deadline has come gets decode-only steps: the newer
     student's prompt is evaluated after it ends, not in the steps it needs to end in time."""
-    engine = served.state.engine
-    llm = served.state.teacher.llm
-    await wait_idle(engine)
-    prompt = _prompt_for(llm)
-    log, sink_for = _recorder()
-    greedy = SamplingParams(temperature=0.0)
+    engine, prompt, log, sink_for = await _idle_engine(served)
     late = GenerationTask(
         prompt=prompt("Paciente: 66 años, estadio IIB."),
         sink=sink_for("late"),
         max_new_tokens=48,
-        params=greedy,
+        params=GREEDY,
         deadline=time.monotonic(),  # its time is up as soon as it writes
     )
     engine.submit(late)
     await _until(lambda: any(t == "late" for t, e in log), "the first answer to write", step=0.005)
     before = engine.counters["deferred_chunks"]
     newer = "Fuentes: " + "el estadio IIIA se trata con quimiorradioterapia y después durvalumab. " * 6
-    engine.submit(GenerationTask(prompt=prompt(newer), sink=sink_for("new"), max_new_tokens=8, params=greedy))
+    engine.submit(GenerationTask(prompt=prompt(newer), sink=sink_for("new"), max_new_tokens=8, params=GREEDY))
     await _until(lambda: sum(isinstance(e, DoneEvent) for t, e in log) == 2, "both answers")
     order = [t for t, e in log]
     late_done = next(i for i, (t, e) in enumerate(log) if t == "late" and isinstance(e, DoneEvent))
@@ -561,11 +561,7 @@ async def test_a_newer_prompt_waits_while_an_answer_past_its_deadline_ends(serve
 
 
 async def test_students_who_need_every_slot_take_the_background_tasks(served):
-    engine = served.state.engine
-    llm = served.state.teacher.llm
-    await wait_idle(engine)
-    log, sink_for = _recorder()
-    prompt = _prompt_for(llm)
+    engine, prompt, log, sink_for = await _idle_engine(served)
     _background(engine, prompt("Paciente: 80 años."), sink_for("bg"), 400)
     await _until(lambda: engine.stats()["background"] == 1, "the background task to take a slot", step=0.005)
     before = engine.counters["preempted"]
