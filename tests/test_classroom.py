@@ -704,6 +704,15 @@ async def test_admission_refuses_a_student_who_would_make_running_answers_late(s
         task.deadline = time.monotonic() + 0.05  # about due: no room for anyone's prompt
         assert engine.crowds(len(prompt))
         assert not engine.crowds(len(prompt), grace_s=3600)  # unless its budget runs long after
+        # five seconds beyond what it needs to end, and a newcomer whose prompt takes ten: the
+        # answer is writing, so the newcomer's chunks wait for it (_chunk_makes_late) and only
+        # the extra row counts; an answer still in its prompt would wait for those chunks
+        _, step_s = engine._with_one_more()
+        long_prompt = int(10 * engine.prefill_rate)
+        task.deadline = time.monotonic() + engine._tokens_to_finish(slot) * step_s + 5
+        assert not engine.crowds(long_prompt)
+        slot.kv_tokens = list(prompt[:2])
+        assert engine.crowds(long_prompt)
         task.deadline = None  # no budget, nothing to protect
         assert not engine.crowds(len(prompt))
     finally:
