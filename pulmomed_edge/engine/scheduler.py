@@ -336,7 +336,7 @@ class GenerationEngine:
         backlog = self.backlog_tokens() + new_tokens
         busy, step_s = self._with_one_more()
         writing = sum(1 for s in busy if not s.in_prompt)
-        first_token = backlog / max(1.0, self.prefill_rate)
+        first_token = self._prompt_s(backlog)
         if writing:
             first_token += math.ceil(backlog / self.plan.chunk) * self.step_cost.predict(writing)
         return first_token, step_s
@@ -346,15 +346,15 @@ class GenerationEngine:
         answer already running more than grace_s past its deadline: each running answer still
         needs its prompt and about a short sentence per remaining section, and every step gets
         longer with one more student."""
-        new_prompt_s = new_tokens / max(1.0, self.prefill_rate)
+        new_prompt_s = self._prompt_s(new_tokens)
         busy, step_s = self._with_one_more()
         now = time.monotonic()
         for slot in busy:
             task = slot.task
             if task is None or task.deadline is None:
                 continue
-            prompt_s = (len(slot.pending) if slot.in_prompt else 0) / max(1.0, self.prefill_rate)
-            spare = task.deadline + grace_s - now - prompt_s - self._tokens_to_finish(slot) * step_s
+            prompt_s = self._prompt_s(len(slot.pending) if slot.in_prompt else 0)
+            spare = self._spare_s(slot, step_s, now) + grace_s - prompt_s
             # an answer already writing holds newer chunks back when it needs the steps
             # (_chunk_makes_late), so the new prompt costs it only the extra row per step (in
             # step_s); one still in its prompt is counted with the new prompt's time as well,
@@ -370,6 +370,17 @@ class GenerationEngine:
             queued = sum(1 for t in self._queue if not t.background)
         busy = [s for s in self.slots if s.live]
         return busy, self.step_cost.predict(min(len(self.slots), len(busy) + queued + 1))
+
+    def _prompt_s(self, tokens: int) -> float:
+        """Seconds to evaluate this many prompt tokens at the measured prefill rate."""
+        return tokens / max(1.0, self.prefill_rate)
+
+    def _spare_s(self, slot: _Slot, step_s: float, now: float) -> float:
+        """Seconds this answer has left before its deadline once it has written the fewest tokens
+        it can end with, at step_s per token (its task has a deadline)."""
+        task = slot.task
+        assert task is not None and task.deadline is not None
+        return task.deadline - now - self._tokens_to_finish(slot) * step_s
 
     def _tokens_to_finish(self, slot: _Slot) -> int:
         """About the fewest tokens this answer can still end with: each section left gets its
@@ -650,14 +661,14 @@ class GenerationEngine:
         first word on time. Held back this way, timeouts and busy fallbacks both dropped; held
         back only once an answer's deadline had passed, timeouts stayed (BENCHMARKS.md, seventh
         round)."""
-        chunk_s = prompt_rows / max(1.0, self.prefill_rate)
+        chunk_s = self._prompt_s(prompt_rows)
         step_s = self.step_cost.predict(len(decoding))
         now = time.monotonic()
         for slot in decoding:
             task = slot.task
             if task is None or task.deadline is None or not slot.live:
                 continue
-            if task.deadline - now - chunk_s < self._tokens_to_finish(slot) * step_s:
+            if self._spare_s(slot, step_s, now) < chunk_s:
                 return True
         return False
 
