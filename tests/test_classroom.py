@@ -709,7 +709,7 @@ async def test_admission_refuses_a_student_who_would_make_running_answers_late(s
         # the extra row counts; an answer still in its prompt would wait for those chunks
         _, step_s = engine._with_one_more()
         long_prompt = int(10 * engine.prefill_rate)
-        task.deadline = time.monotonic() + engine._tokens_to_finish(slot) * step_s + 5
+        task.deadline = time.monotonic() + engine._tokens_to_finish(slot, task) * step_s + 5
         assert not engine.crowds(long_prompt)
         slot.kv_tokens = list(prompt[:2])
         assert engine.crowds(long_prompt)

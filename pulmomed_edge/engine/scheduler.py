@@ -354,7 +354,7 @@ class GenerationEngine:
             if task is None or task.deadline is None:
                 continue
             prompt_s = self._prompt_s(len(slot.pending) if slot.in_prompt else 0)
-            spare = self._spare_s(slot, step_s, now) + grace_s - prompt_s
+            spare = self._spare_s(slot, task, step_s, now) + grace_s - prompt_s
             # an answer already writing holds newer chunks back when it needs the steps
             # (_chunk_makes_late), so the new prompt costs it only the extra row per step (in
             # step_s); one still in its prompt is counted with the new prompt's time as well,
@@ -375,18 +375,17 @@ class GenerationEngine:
         """Seconds to evaluate this many prompt tokens at the measured prefill rate."""
         return tokens / max(1.0, self.prefill_rate)
 
-    def _spare_s(self, slot: _Slot, step_s: float, now: float) -> float:
-        """Seconds this answer has left before its deadline once it has written the fewest tokens
-        it can end with, at step_s per token (its task has a deadline)."""
-        task = slot.task
-        assert task is not None and task.deadline is not None
-        return task.deadline - now - self._tokens_to_finish(slot) * step_s
+    def _spare_s(self, slot: _Slot, task: GenerationTask, step_s: float, now: float) -> float:
+        """Seconds the slot's answer (`task`, which has a deadline) has left before its deadline
+        once it has written the fewest tokens it can end with, at step_s per token."""
+        assert task.deadline is not None
+        return task.deadline - now - self._tokens_to_finish(slot, task) * step_s
 
-    def _tokens_to_finish(self, slot: _Slot) -> int:
-        """About the fewest tokens this answer can still end with: each section left gets its
-        minimum and then the end of a sentence."""
-        task = slot.task
-        assert task is not None
+    def _tokens_to_finish(self, slot: _Slot, task: GenerationTask) -> int:
+        """About the fewest tokens the slot's answer (`task`) can still end with: each section
+        left gets its minimum and then the end of a sentence. The caller reads slot.task once and
+        passes it: admission calls this from the event loop, where the worker may free the slot
+        meanwhile (the figures are then one step stale, never a crash)."""
         phases = task.phases or (Phase(task.max_new_tokens, task.max_new_tokens),)
         into = slot.new_tokens - slot.phase_start_tokens
         sentence = WRAP_UP_TOKENS // 2
@@ -668,7 +667,7 @@ class GenerationEngine:
             task = slot.task
             if task is None or task.deadline is None or not slot.live:
                 continue
-            if self._spare_s(slot, step_s, now) < chunk_s:
+            if self._spare_s(slot, task, step_s, now) < chunk_s:
                 return True
         return False
 
