@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -245,36 +246,38 @@ def _texts(engine, batch: list[list[int]], **task: object) -> list[str]:
 # was evaluated and that the cache holds what the engine's books say.
 
 
+@contextlib.contextmanager
+def _engine_of_its_own(served, *, n_ctx: int, slots: int, parked: int, warm_prefix=None, **engine):
+    """A started engine on a runtime of its own (the served model, one thread), closed after."""
+    from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
+
+    path = served.state.engine.rt.config.model_path
+    runtime = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=n_ctx, n_seq=slots + parked, n_threads=1))
+    own = GenerationEngine(runtime, slots=slots, parked=parked, **engine)
+    own.start(warm_prefix=warm_prefix)
+    try:
+        yield own
+    finally:
+        own.stop()
+        runtime.close()
+
+
 async def test_greedy_output_is_the_same_alone_and_in_a_batch(served):
     """The common case; not a guarantee on llama.cpp's CPU kernels (engine/batching.py): with the
     default model 11 of 16 real prompts came out identical (`bench --invariance`, BENCHMARKS.md).
     On an engine of its own with the server's slots and parked prompts, because where earlier
     traffic left cells in the cache changes the rounding too (BENCHMARKS.md, sixth round)."""
-    from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
-
     served_engine = served.state.engine
-    llm = served.state.teacher.llm
-    slots, parked = len(served_engine.slots), len(served_engine.parked)
-    config = RuntimeConfig(
-        model_path=served_engine.rt.config.model_path,
-        n_ctx=served_engine.rt.n_ctx,
-        n_seq=slots + parked,
-        n_threads=1,
-    )
-    runtime = LlamaRuntime(config)
-    engine = GenerationEngine(runtime, slots=slots, parked=parked)
-    engine.start(warm_prefix=served.state.teacher.warm_prefix())
-    try:
-        prompt = _prompt_for(llm)
+    shape = {"slots": len(served_engine.slots), "parked": len(served_engine.parked)}
+    warm = served.state.teacher.warm_prefix()
+    with _engine_of_its_own(served, n_ctx=served_engine.rt.n_ctx, warm_prefix=warm, **shape) as engine:
+        prompt = _prompt_for(served.state.teacher.llm)
         prompts = [
             prompt(f"Pregunta {i}: ¿qué es el estadio {s}?")
             for i, s in enumerate(["IA", "IIB", "IIIA", "IV"])
         ]
         alone = await asyncio.to_thread(_texts, engine, [prompts[0]], max_new_tokens=24)
         together = await asyncio.to_thread(_texts, engine, prompts, max_new_tokens=24)
-    finally:
-        engine.stop()
-        runtime.close()
     assert alone[0] and together[0] == alone[0]
 
 
@@ -304,34 +307,21 @@ async def test_a_finished_prompt_stays_parked_after_its_slot_moves_on(served):
 
 
 async def test_the_engine_sees_a_cache_that_no_longer_matches_its_books(served):
-    from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
-
-    path = served.state.engine.rt.config.model_path
-    runtime = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=512, n_seq=2, n_threads=1))
-    engine = GenerationEngine(runtime, slots=1, parked=1, max_context_per_slot=256)
-    engine.start()
-    try:
+    with _engine_of_its_own(served, n_ctx=512, slots=1, parked=1, max_context_per_slot=256) as engine:
+        runtime = engine.rt
         prompt = runtime.tokenize("Caso clínico: estadio IIIA, quimiorradioterapia y después durvalumab.")
         (done,) = await asyncio.to_thread(_run_tasks, engine, [prompt], max_new_tokens=8)
         assert done.new_tokens and engine.memory_mismatches() == []
         runtime.seq_rm(engine.parked[0].seq, 4, -1)  # cells lost behind the engine's back
         (mismatch,) = engine.memory_mismatches()
         assert mismatch.startswith(f"parked seq {engine.parked[0].seq}: cache holds (0, 3)")
-    finally:
-        engine.stop()
-        runtime.close()
 
 
 async def test_a_full_cache_takes_the_cells_of_parked_prompts(served):
     """A cache sized by hand too small for the parked prompts: they give their cells up instead
     of the next student's answer failing."""
-    from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
-
-    path = served.state.engine.rt.config.model_path
-    runtime = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=512, n_seq=1 + 4, n_threads=1))
-    engine = GenerationEngine(runtime, slots=1, parked=4, max_context_per_slot=512)
-    engine.start()
-    try:
+    with _engine_of_its_own(served, n_ctx=512, slots=1, parked=4, max_context_per_slot=512) as engine:
+        runtime = engine.rt
         text = "El paciente tiene un tumor pulmonar y recibe tratamiento según las guías. " * 20
         prompts = [runtime.tokenize(f"Caso {i}: {text}")[:100] for i in range(4)]
         for prompt in prompts:
@@ -343,9 +333,6 @@ async def test_a_full_cache_takes_the_cells_of_parked_prompts(served):
         assert done.finish in ("stop", "length") and done.new_tokens > 0
         assert engine.counters["errors"] == 0
         assert engine.stats()["parked"] == 1  # the others made room; this prompt is kept now
-    finally:
-        engine.stop()
-        runtime.close()
 
 
 async def test_students_asking_together_share_the_passages_evaluated_once(served):
