@@ -433,6 +433,12 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
     return summary
 
 
+def save_report(path: Path, report: dict[str, Any]) -> None:
+    """The whole report as indented JSON (--json)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
 def save_answers(path: Path, outcomes: list[Outcome]) -> None:
     """One JSON line per answered request: the headset, the state it sent and the answer."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -497,8 +503,7 @@ async def _run(args: argparse.Namespace) -> int:
             report = {"machine": machine_info(), "invariance": await asyncio.to_thread(run_invariance, args)}
         print(json.dumps(report, ensure_ascii=False, indent=2))
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+            save_report(args.json, report)
         return 0
     if args.runs < 1 or (args.runs > 1 and args.url and not args.spawn):
         raise SystemExit("--runs needs a spawned server (--spawn) and is at least 1")
@@ -524,8 +529,7 @@ async def _run(args: argparse.Namespace) -> int:
         report["ceiling"] = await asyncio.to_thread(run_ceiling, args)
     print_table(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+        save_report(args.json, report)
         print(f"\nJSON: {args.json}")
     return 0
 
