@@ -11,6 +11,9 @@ WINDOW_S = 600.0
 MODEL = "modelo"  # written by the model (for this request, or a shared identical one)
 CACHE = "cache"  # a cache hit
 BUSY_KINDS = ("fallback-busy", "fallback-timeout")
+# the model wrote an answer, but its sources supported none of its sentences: the student got the
+# extractive summary instead
+UNSUPPORTED = "fallback-unsupported"
 
 
 def answer_kind(llm_model: str) -> str:

@@ -157,6 +157,7 @@ class Outcome:
     state: dict | None = None  # what was asked and what came back (for --save-answers)
     answer: dict | None = None
     streamed: dict | None = None  # the text the headset was streamed, by section
+    sent: float = 0.0  # time.perf_counter() when the request left
 
 
 def is_cut(answer: dict) -> bool:
@@ -249,15 +250,17 @@ async def _headset(
                 await asyncio.sleep(pause)
             if args.duration and time.perf_counter() >= t_end:
                 break
-            out.append(await _ask(session, base, plan[k % len(plan)], args.stream, i))
+            sent = time.perf_counter()
+            out.append(replace(await _ask(session, base, plan[k % len(plan)], args.stream, i), sent=sent))
             k += 1
             if not args.duration and k >= len(plan):
                 break
         if args.repeat_after > 0 and not args.duration:
             await asyncio.sleep(args.repeat_after)
             for body in plan:
+                sent = time.perf_counter()
                 outcome = await _ask(session, base, body, args.stream, i)
-                out.append(replace(outcome, repeat=True))
+                out.append(replace(outcome, repeat=True, sent=sent))
     return out
 
 
@@ -440,12 +443,21 @@ def save_report(path: Path, report: dict[str, Any]) -> None:
 
 
 def save_answers(path: Path, outcomes: list[Outcome]) -> None:
-    """One JSON line per answered request: the headset, the state it sent and the answer."""
+    """One JSON line per answered request: the headset, its timings, the state it sent and the answer."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    start = min((o.sent for o in outcomes), default=0.0)
     with path.open("w", encoding="utf-8") as out:
         for o in outcomes:
             if o.answer is not None:
-                row = {"headset": o.headset, "repeat": o.repeat, "state": o.state, "answer": o.answer}
+                row = {
+                    "headset": o.headset,
+                    "repeat": o.repeat,
+                    "sent_s": round(o.sent - start, 3),  # since the run's first request
+                    "e2e_s": round(o.e2e_s, 3),
+                    "ttft_s": None if o.ttft_s is None else round(o.ttft_s, 3),
+                    "state": o.state,
+                    "answer": o.answer,
+                }
                 if o.streamed is not None:
                     row["streamed"] = o.streamed
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")

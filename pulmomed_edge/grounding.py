@@ -114,6 +114,7 @@ class SentenceGate:
 class Grounded:
     sections: Sections
     withheld: list[str]  # the sentences taken out, for the log and the reading panel
+    kept: int  # the model's sentences left in (0: the whole answer is the fallback's)
 
 
 def ground_sections(
@@ -121,7 +122,8 @@ def ground_sections(
 ) -> Grounded:
     """The answer without unsupported sentences; an emptied section becomes the fallback's."""
     withheld: list[str] = []
-    kept: dict[str, str] = {}
+    texts: dict[str, str] = {}
+    kept = 0
     for name in ("explicacion", "recomendacion"):
         good = []
         for sentence in sentences(getattr(answer, name)):
@@ -129,8 +131,9 @@ def ground_sections(
                 withheld.append(sentence)
             else:
                 good.append(sentence)
-        kept[name] = " ".join(good) if good else getattr(fallback, name)
-    return Grounded(Sections(kept["explicacion"], kept["recomendacion"]), withheld)
+        texts[name] = " ".join(good) if good else getattr(fallback, name)
+        kept += len(good)
+    return Grounded(Sections(texts["explicacion"], texts["recomendacion"]), withheld, kept)
 
 
 def evaluate(passages: Mapping[str, str], path: Path) -> dict:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .activity import BUSY_KINDS, CACHE, RecentAnswers, answer_kind
+from .activity import BUSY_KINDS, CACHE, UNSUPPORTED, RecentAnswers, answer_kind
 from .cache import ResponseCache
 from .canonical import CanonicalState, cache_key, canonicalize, retrieval_queries
 from .cases import CaseLibrary, LibraryCase
@@ -360,7 +360,9 @@ class TeacherService:
             response = await self._generate(flight)
             flight.result.set_result(response)
             key = flight.prepared.key
-            if not response.llm_model.startswith("fallback-"):
+            # an answer whose every sentence its sources did not support is cached too: with the
+            # same prompt and seed the model would most likely write it again
+            if not response.llm_model.startswith("fallback-") or response.llm_model == UNSUPPORTED:
                 self.cache.put(key, response)
                 self._missed.pop(key, None)
                 if flight.backfill:
@@ -547,6 +549,10 @@ class TeacherService:
             self.grounding["trimmed"] += 1
             self.grounding["sentences"] += len(grounded.withheld)
             log.info("withheld %d unsupported sentence(s): %s", len(grounded.withheld), grounded.withheld)
+        if not grounded.kept:
+            # every sentence was withheld: the student reads the extractive summary, and the
+            # answer says so (API: "fallback-…" when the model did not write it)
+            model = UNSUPPORTED
         response = self._response(prepared, grounded.sections, model)
         return response.model_copy(update={"frases_retiradas": len(grounded.withheld)})
 

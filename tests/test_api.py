@@ -302,6 +302,32 @@ async def test_grounding_check_trims_the_answer_and_counts_it_unless_turned_off(
     assert unchecked.recomendacion == invented and unchecked.frases_retiradas == 0
 
 
+async def test_an_answer_whose_sources_support_none_of_it_is_labelled_a_fallback(served):
+    """The real model answers a state whose support was emptied, so that no sentence it writes is
+    supported: the student reads the extractive summary, labelled `fallback-unsupported` rather
+    than with the model's name (API: "fallback-…" when the model did not write it), and the same
+    state asked again is a cache hit with that label (the same prompt and seed would most likely
+    be withheld again)."""
+    import dataclasses
+
+    from pulmomed_edge.canonical import canonicalize
+
+    teacher = served.state.teacher
+    body = {"age": 81, "pack_years": 12, "sensitive_tumor_volume": 55.0, "treatment": "quimio"}
+    state = parse_state(body, teacher.library.ids)
+    prepared = await asyncio.to_thread(teacher.prepare, state)
+    with teacher._memo_lock:  # what the next request for this state is prepared with
+        teacher._memo[canonicalize(state).key_material()] = dataclasses.replace(prepared, support=frozenset())
+    status, first = await post(served, body)
+    assert status == 200, first
+    assert first["llm_model"] == first["model_used"] == "fallback-unsupported", first
+    assert first["frases_retiradas"] >= 2 and first["cache"] == "miss"
+    summary = teacher._fallback(prepared, "x")
+    assert (first["explicacion"], first["recomendacion"]) == (summary.explicacion, summary.recomendacion)
+    status, again = await post(served, body)
+    assert status == 200 and again["cache"] == "hit" and again["llm_model"] == "fallback-unsupported"
+
+
 async def test_status_page_shows_state_and_addresses(served):
     async with served.session.get(served.url("/")) as resp:
         text = await resp.text()
