@@ -427,6 +427,11 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
         summary[f"timeouts_{stage}"] = _activity(after, "timeouts", stage) - _activity(
             before, "timeouts", stage
         )
+    # students answered fallback-busy at once, by why (the teacher's admission)
+    summary["busy"] = {
+        reason: _activity(after, "busy", reason) - _activity(before, "busy", reason)
+        for reason in ("late", "short", "crowds", "queue")
+    }
     if args.save_answers:
         save_answers(args.save_answers, outcomes)
     repeats = [o for o in outcomes if o.repeat]
@@ -631,6 +636,8 @@ def print_table(report: dict[str, Any]) -> None:
 
     def cell(d: dict, *path: str) -> str:
         v = _at(d, path)
+        if isinstance(v, dict):  # counts by kind, in the label's order
+            return "/".join(str(n) for n in v.values())
         return "-" if v is None else str(v)
 
     for label, path in [
@@ -645,6 +652,7 @@ def print_table(report: dict[str, Any]) -> None:
         ("timeouts waiting", ("timeouts_waiting",)),
         ("timeouts writing", ("timeouts_writing",)),
         ("timeouts joined", ("timeouts_joined",)),
+        ("busy late/short/crowds/queue", ("busy",)),
         ("cache hits", ("cache_hits",)),
         ("cache hit p99 ms", ("cache_hit_e2e_ms", "p99")),
         ("tok/s (aggregate)", ("tok_per_s",)),

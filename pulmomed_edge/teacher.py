@@ -207,6 +207,10 @@ class TeacherService:
         # while writing (the steps got slower than the deadline allowed for), or a backfill a
         # student joined that could not finish in their budget
         self.timeouts = {"waiting": 0, "writing": 0, "joined": 0}
+        # students answered "fallback-busy" at once, by why: the first word would come too late,
+        # too few tokens would fit the budget, the answers already running would miss theirs, or
+        # the engine's queue was full
+        self.busy = {"late": 0, "short": 0, "crowds": 0, "queue": 0}
 
     # --- preparation (worker thread) -------------------------------------------------------
     def retrieve(self, state: CanonicalState, case: LibraryCase | None) -> list[PassageLike]:
@@ -474,8 +478,12 @@ class TeacherService:
             grace_s = (1 - ANSWER_SHARE) * budget_s - DELIVERY_MARGIN_S
             # an idle engine always takes the request: estimates from a busy spell must not lock
             # it out
-            if not engine.idle and (late or short or engine.crowds(new_tokens, grace_s)):
-                return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
+            if not engine.idle:
+                crowds = not (late or short) and engine.crowds(new_tokens, grace_s)
+                reason = "late" if late else "short" if short else "crowds" if crowds else None
+                if reason:
+                    self.busy[reason] += 1
+                    return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
             max_new = min(max_new, max(MIN_ANSWER_TOKENS, affordable))
             # the engine wraps the answer up before the budget rather than letting it time out
             deadline_s = flight.created + ANSWER_SHARE * budget_s
@@ -496,6 +504,8 @@ class TeacherService:
         try:
             llm.engine.submit(task)
         except EngineBusy:
+            if not flight.backfill:
+                self.busy["queue"] += 1
             return self._fallback(prepared, "fallback-busy")
         except EngineStopped:
             return self._fallback(prepared, "fallback-unavailable")

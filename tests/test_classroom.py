@@ -376,6 +376,7 @@ async def test_full_queue_answers_fallback_busy_at_once(served):
     engine = served.state.engine
     await wait_idle(engine)
     size = engine.queue_size
+    busy = dict(served.state.teacher.busy)
     engine.queue_size = 0
     try:
         status, body = await post(served, {"age": 35, "pack_years": 0, "sensitive_tumor_volume": 3.3})
@@ -384,6 +385,8 @@ async def test_full_queue_answers_fallback_busy_at_once(served):
     assert status == 200
     assert body["llm_model"] == "fallback-busy"
     assert body["explicacion"] and body["recomendacion"] and body["fuentes"]
+    async with served.session.get(served.url("/api/v1/health")) as resp:  # counted by why
+        assert (await resp.json())["activity"]["busy"] == {**busy, "queue": busy["queue"] + 1}
 
 
 async def _until(condition, what: str, timeout: float = 120.0, step: float = 0.05) -> None:

@@ -58,7 +58,9 @@ def test_an_emptied_section_becomes_the_grounded_fallback(esophagitis):
 
 
 def test_an_answer_with_no_supported_sentence_keeps_none(esophagitis):
-    answer = Sections(explicacion="Se cura tomando zumo de naranja y vitaminas importadas.", recomendacion=INVENTED)
+    answer = Sections(
+        explicacion="Se cura tomando zumo de naranja y vitaminas importadas.", recomendacion=INVENTED
+    )
     fallback = Sections("explicación de respaldo.", "Se maneja con medidas de soporte [1].")
     grounded = ground_sections(answer, esophagitis, fallback)
     assert grounded.sections == fallback and grounded.kept == 0 and len(grounded.withheld) == 2

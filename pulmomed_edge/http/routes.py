@@ -179,6 +179,7 @@ def health_body(state: ServerState) -> dict[str, Any]:
             **teacher.recent.summary(),
             "backfill": teacher.backfill_stats(),
             "timeouts": dict(teacher.timeouts),
+            "busy": dict(teacher.busy),
             "grounding": {"enabled": teacher.config.grounding, **teacher.grounding},
         }
     return body
