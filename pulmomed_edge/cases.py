@@ -15,6 +15,7 @@ from .errors import CorpusError
 class LibraryCase:
     caso_id: str
     titulo: str
+    estadio: str  # the case's own stage (TNM 8th ed.), whatever its tumour volumes would suggest
     descripcion: str
     edad: int
     es_fumador: bool

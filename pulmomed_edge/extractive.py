@@ -31,12 +31,17 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in SENTENCE_BREAK.split(text.strip()) if s.strip()]
 
 
-def extractive_sections(state: CanonicalState, passages: list[tuple[int, str]]) -> Sections:
-    """passages: (number as cited in the answer, text), in retrieval order."""
-    situation = (
-        f"El volumen tumoral total corresponde aproximadamente al estadio {state.stage}; "
-        f"paciente {smoking_phrase(state)}, {treatment_phrase(state)}."
+def extractive_sections(
+    state: CanonicalState, passages: list[tuple[int, str]], case_stage: str | None = None
+) -> Sections:
+    """passages: (number as cited in the answer, text), in retrieval order; case_stage: a library
+    case's own stage (its volumes may suggest another)."""
+    where = (
+        f"Caso de biblioteca en estadio {case_stage}"
+        if case_stage
+        else f"El volumen tumoral total corresponde aproximadamente al estadio {state.stage}"
     )
+    situation = f"{where}; paciente {smoking_phrase(state)}, {treatment_phrase(state)}."
     if not passages:
         return Sections(
             explicacion=f"{situation} {NO_COVERAGE}",

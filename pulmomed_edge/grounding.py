@@ -65,10 +65,45 @@ def novel_terms(sentence: str, support: frozenset[str]) -> list[str]:
     return list(dict.fromkeys(t for t in terms(sentence) if t not in support))
 
 
-def unsupported(sentence: str, support: frozenset[str], *, max_novel: int = MAX_NOVEL) -> bool:
-    """Whether the sentence brings enough terms of its own to be withheld."""
+def unsupported(
+    sentence: str, support: frozenset[str], *, max_novel: int = MAX_NOVEL, stage: str | None = None
+) -> bool:
+    """Whether the sentence is withheld: it brings enough terms of its own, or it gives the patient
+    a stage other than `stage` (misstates_stage)."""
+    if misstates_stage(sentence, stage):
+        return True
     novel = len(novel_terms(sentence, support))
     return novel >= max_novel and novel >= MIN_NOVEL_SHARE * len(set(terms(sentence)))
+
+
+# "estadio IV", "estadio IIB", "estadios I": the stage group and its letter
+_STAGE_MENTION = re.compile(r"\b[Ee]stadios?\s+(IV|I{1,3})([ABC])?(?![A-Za-z])")
+_STAGE = re.compile(r"(?<![A-Za-z])(IV|I{1,3})([ABC])?(?![A-Za-z])")  # in a stage's own text
+_ONE_PATIENT = re.compile(r"\b(?:paciente|enfermo|enferma)\b", re.IGNORECASE)
+
+
+def misstates_stage(sentence: str, stage: str | None) -> bool:
+    """Whether a sentence about the patient names a stage that is not theirs.
+
+    Every word of "El paciente se encuentra en el estadio IV" is in the passages a stage IIB
+    student is shown, so the term check lets it through; the small model writes such sentences.
+    A sentence that speaks of one patient (not of "pacientes" in general, as trials do) and names
+    a stage must name one of the patient's: the same group (I, II, III, IV), and the same letter
+    when both give one. `stage` may name more than one ("IV (recaída de un IB operado)"); "IIIA+"
+    (T4 or more advanced, the API's volume bands) takes III and IV. None: nothing to check."""
+    if not stage or not _ONE_PATIENT.search(sentence):
+        return False
+    own = _STAGE.findall(stage)
+    if not own:
+        return False
+    open_ended = stage.split(" ")[0].endswith("+")
+
+    def theirs(group: str, letter: str) -> bool:
+        if open_ended and group in ("III", "IV"):
+            return True
+        return any(group == g and (not letter or not lt or letter == lt) for g, lt in own)
+
+    return not all(theirs(group, letter) for group, letter in _STAGE_MENTION.findall(sentence))
 
 
 class SentenceGate:
@@ -79,8 +114,9 @@ class SentenceGate:
     returns the last sentences once the answer is complete. A trailing unfinished sentence is
     never sent (the final answer drops it too)."""
 
-    def __init__(self, support: frozenset[str]) -> None:
+    def __init__(self, support: frozenset[str], stage: str | None = None) -> None:
         self.support = support
+        self.stage = stage
         self._pending = {"explicacion": "", "recomendacion": ""}
         self._sent = {"explicacion": 0, "recomendacion": 0}
 
@@ -104,7 +140,7 @@ class SentenceGate:
 
     def _release(self, section: str, sentence: str) -> list[tuple[str, str]]:
         sentence = " ".join(sentence.split())
-        if not sentence or unsupported(sentence, self.support):
+        if not sentence or unsupported(sentence, self.support, stage=self.stage):
             return []
         self._sent[section] += 1
         return [(section, sentence if self._sent[section] == 1 else " " + sentence)]
@@ -118,16 +154,22 @@ class Grounded:
 
 
 def ground_sections(
-    answer: Sections, support: frozenset[str], fallback: Sections, *, max_novel: int = MAX_NOVEL
+    answer: Sections,
+    support: frozenset[str],
+    fallback: Sections,
+    *,
+    max_novel: int = MAX_NOVEL,
+    stage: str | None = None,
 ) -> Grounded:
-    """The answer without unsupported sentences; an emptied section becomes the fallback's."""
+    """The answer without the sentences `unsupported` withholds; an emptied section becomes the
+    fallback's."""
     withheld: list[str] = []
     texts: dict[str, str] = {}
     kept = 0
     for name in ("explicacion", "recomendacion"):
         good = []
         for sentence in sentences(getattr(answer, name)):
-            if unsupported(sentence, support, max_novel=max_novel):
+            if unsupported(sentence, support, max_novel=max_novel, stage=stage):
                 withheld.append(sentence)
             else:
                 good.append(sentence)

@@ -115,6 +115,12 @@ class Prepared:
     # the terms the model is shown: what its sentences may claim (grounding.py; empty without LLM)
     support: frozenset[str] = frozenset()
 
+    @property
+    def stage(self) -> str | None:
+        """The patient's stage, which the answer may not contradict: a library case's own (in its
+        passage), else the one from the tumour volume (in the prompt; user_message)."""
+        return self.case.estadio if self.case is not None else self.state.stage
+
 
 @dataclass
 class Flight:
@@ -364,9 +370,7 @@ class TeacherService:
             response = await self._generate(flight)
             flight.result.set_result(response)
             key = flight.prepared.key
-            # an answer whose every sentence its sources did not support is cached too: with the
-            # same prompt and seed the model would most likely write it again
-            if not response.llm_model.startswith("fallback-") or response.llm_model == UNSUPPORTED:
+            if cacheable(response.llm_model):
                 self.cache.put(key, response)
                 self._missed.pop(key, None)
                 if flight.backfill:
@@ -515,7 +519,7 @@ class TeacherService:
         tracker = SectionTracker()
         # with the grounding check on, students get whole checked sentences: never one that the
         # final answer then takes back
-        gate = SentenceGate(prepared.support) if self.config.checked_stream else None
+        gate = SentenceGate(prepared.support, prepared.stage) if self.config.checked_stream else None
         # the fallback must reach the student within the budget, not just leave this coroutine
         deadline = flight.created + budget_s - DELIVERY_MARGIN_S
         first_text: float | None = None
@@ -553,7 +557,9 @@ class TeacherService:
         """The model's answer without the sentences its sources do not support."""
         if not self.config.grounding:
             return self._response(prepared, sections, model)
-        grounded = ground_sections(sections, prepared.support, self._extractive(prepared))
+        grounded = ground_sections(
+            sections, prepared.support, self._extractive(prepared), stage=prepared.stage
+        )
         self.grounding["answers"] += 1
         if grounded.withheld:
             self.grounding["trimmed"] += 1
@@ -568,7 +574,7 @@ class TeacherService:
 
     def _extractive(self, prepared: Prepared) -> Sections:
         numbered = [(i + 1, p.texto) for i, p in enumerate(prepared.passages)]
-        return extractive_sections(prepared.state, numbered)
+        return extractive_sections(prepared.state, numbered, prepared.case.estadio if prepared.case else None)
 
     def _fallback(self, prepared: Prepared, reason: str) -> TeacherResponse:
         return self._response(prepared, self._extractive(prepared), reason)
@@ -629,6 +635,14 @@ def _fits(passage: PassageLike, case: LibraryCase | None) -> bool:
     if "caso clinico" not in passage.temas:
         return True
     return case is not None and case.caso_id in passage.texto
+
+
+def cacheable(llm_model: str) -> bool:
+    """Whether an answer of this kind goes into the response cache: the model's, and one whose
+    every sentence its sources did not support (the same prompt and seed would most likely be
+    withheld again); never a fallback for a busy, failed or missing model, which a later try
+    may beat."""
+    return not llm_model.startswith("fallback-") or llm_model == UNSUPPORTED
 
 
 def answer_budget(max_new_tokens: int) -> dict[str, Any]:

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from pulmomed_edge.engine.scheduler import common_prefix
-from pulmomed_edge.prompts import render_prompt
+from pulmomed_edge.prompts import Sections, render_prompt
 from pulmomed_edge.schema import ADVERTENCIA, parse_state
+from pulmomed_edge.teacher import cacheable
 
 API = "/api/v1/consultar_profesor"
 RESPONSE_KEYS = {
@@ -161,6 +162,34 @@ async def test_biblioteca_with_a_real_case_puts_the_case_in_the_answer(served):
     assert case.fuente_estadistica in answer["fuentes"]
 
 
+async def test_a_library_case_is_taught_at_its_own_stage_not_its_volumes(served):
+    """SEER_004 is stage IV with a primary whose volume reads "IIB": the stage passage retrieved is
+    stage IV's, the extractive summary names the case's stage, and a sentence putting the patient
+    in stage II is withheld."""
+    teacher = served.state.teacher
+    body = {
+        "edad": 71,
+        "pack_years": 38,
+        "volumen_tumor_sensible": 45.6,
+        "volumen_tumor_resistente": 8.2,
+        "modo": "biblioteca",
+        "caso_id": "SEER_004_estadio_IV_metastasis",
+    }
+    prepared = await asyncio.to_thread(teacher.prepare, parse_state(body, teacher.library.ids))
+    assert prepared.state.stage.startswith("IIB") and prepared.stage == "IV"
+    ids = [p.id for p in prepared.passages]
+    assert not any(i.startswith("tnm-estadio-ii") for i in ids), ids
+    summary = teacher._fallback(prepared, "fallback-busy")
+    assert summary.explicacion.startswith("Caso de biblioteca en estadio IV;")
+    assert "aproximadamente al estadio IIB" not in summary.explicacion
+    answer = Sections(
+        explicacion="El paciente se encuentra en el estadio II del cáncer de pulmón no microcítico.",
+        recomendacion=summary.recomendacion,
+    )
+    checked = teacher._checked(prepared, answer, "modelo-de-prueba")
+    assert checked.explicacion == summary.explicacion and checked.frases_retiradas == 1
+
+
 async def test_cache_hit_does_not_call_the_llm_and_a_new_age_decade_misses(served):
     engine = served.state.engine
     body = {"age": 44, "pack_years": 12, "is_smoker": True, "sensitive_tumor_volume": 20.0}
@@ -229,6 +258,7 @@ async def test_library_cases_and_alias(served):
         required = {
             "caso_id",
             "titulo",
+            "estadio",
             "descripcion",
             "edad",
             "es_fumador",
@@ -275,8 +305,6 @@ async def test_grounding_check_trims_the_answer_and_counts_it_unless_turned_off(
     the grounded one and counted in health; with PULMOMED_GROUNDING=0 the answer is left alone."""
     import dataclasses
 
-    from pulmomed_edge.prompts import Sections
-
     teacher = served.state.teacher
     state = parse_state(
         {"age": 58, "pack_years": 40, "sensitive_tumor_volume": 30.0, "treatment": "radio"}, set()
@@ -303,29 +331,26 @@ async def test_grounding_check_trims_the_answer_and_counts_it_unless_turned_off(
 
 
 async def test_an_answer_whose_sources_support_none_of_it_is_labelled_a_fallback(served):
-    """The real model answers a state whose support was emptied, so that no sentence it writes is
-    supported: the student reads the extractive summary, labelled `fallback-unsupported` rather
-    than with the model's name (API: "fallback-…" when the model did not write it), and the same
-    state asked again is a cache hit with that label (the same prompt and seed would most likely
-    be withheld again)."""
-    import dataclasses
-
-    from pulmomed_edge.canonical import canonicalize
-
+    """The teacher's check on a real prepared state: when every sentence is withheld the student
+    reads the extractive summary, and the answer is labelled `fallback-unsupported`, not with the
+    model's name (API: "fallback-…" when the model did not write it). Such an answer is cached,
+    unlike the fallbacks a later try may beat."""
     teacher = served.state.teacher
-    body = {"age": 81, "pack_years": 12, "sensitive_tumor_volume": 55.0, "treatment": "quimio"}
-    state = parse_state(body, teacher.library.ids)
+    state = parse_state(
+        {"age": 81, "pack_years": 12, "sensitive_tumor_volume": 55.0, "treatment": "quimio"}, set()
+    )
     prepared = await asyncio.to_thread(teacher.prepare, state)
-    with teacher._memo_lock:  # what the next request for this state is prepared with
-        teacher._memo[canonicalize(state).key_material()] = dataclasses.replace(prepared, support=frozenset())
-    status, first = await post(served, body)
-    assert status == 200, first
-    assert first["llm_model"] == first["model_used"] == "fallback-unsupported", first
-    assert first["frases_retiradas"] >= 2 and first["cache"] == "miss"
+    invented = Sections(
+        explicacion="El paciente debe tomar azúcar y vitaminas importadas cada mañana.",
+        recomendacion="Se cura con zumo de naranja, miel de abeja y paseos por la montaña.",
+    )
+    checked = teacher._checked(prepared, invented, "modelo-de-prueba")
     summary = teacher._fallback(prepared, "x")
-    assert (first["explicacion"], first["recomendacion"]) == (summary.explicacion, summary.recomendacion)
-    status, again = await post(served, body)
-    assert status == 200 and again["cache"] == "hit" and again["llm_model"] == "fallback-unsupported"
+    assert (checked.explicacion, checked.recomendacion) == (summary.explicacion, summary.recomendacion)
+    assert checked.llm_model == checked.model_used == "fallback-unsupported"
+    assert checked.frases_retiradas == 2
+    assert cacheable("fallback-unsupported") and cacheable("modelo-de-prueba")
+    assert not any(cacheable(k) for k in ("fallback-busy", "fallback-timeout", "fallback-error"))
 
 
 async def test_status_page_shows_state_and_addresses(served):

@@ -4,7 +4,14 @@ import pytest
 
 from pulmomed_edge.config import KNOWLEDGE_DIR
 from pulmomed_edge.corpus import load_corpus
-from pulmomed_edge.grounding import ground_sections, novel_terms, support_of, unsupported
+from pulmomed_edge.grounding import (
+    SentenceGate,
+    ground_sections,
+    misstates_stage,
+    novel_terms,
+    support_of,
+    unsupported,
+)
 from pulmomed_edge.prompts import SYSTEM_PROMPT, Sections
 
 
@@ -79,7 +86,6 @@ def test_immunotherapy_answer_sentences_from_the_default_model(passages):
 
 
 def test_sentence_gate_streams_whole_checked_sentences_only(esophagitis):
-    from pulmomed_edge.grounding import SentenceGate
 
     explanation = (
         "La esofagitis rádica es un efecto adverso agudo de la radioterapia torácica [1]. "
@@ -100,3 +106,43 @@ def test_sentence_gate_streams_whole_checked_sentences_only(esophagitis):
     )
     # the invented advice is never sent, nor the unfinished sentence the answer ends with
     assert streamed["recomendacion"] == "Se maneja con analgesia y dieta blanda [1]."
+
+
+@pytest.mark.parametrize(
+    ("sentence", "stage", "misstated"),
+    [
+        # seen in the default model's answers for a IIB (T3) state
+        ("El paciente se encuentra en el estadio IV con tumores de más de 4 cm.", "IIB (T3)", True),
+        ("El paciente se encuentra en el estadio II del cáncer de pulmón.", "IIB (T3)", False),
+        ("El paciente está en el estadio IIB, un tumor T3.", "IIB (T3)", False),
+        ("Estadio IA para el paciente, según el volumen.", "IB (T2a)", True),
+        ("El paciente está en el estadio I del CPNM.", "IB (T2a)", False),
+        # trials speak of patients in general
+        ("En LACE, los pacientes en estadio II y III fueron los que más ganaron.", "IA (T1a)", False),
+        # T4 or more advanced: III or IV
+        ("El paciente está en estadio IV.", "IIIA+ (T4 o avanzado)", False),
+        ("El paciente está en estadio IB.", "IIIA+ (T4 o avanzado)", True),
+        ("El paciente se encuentra en el estadio IV.", None, False),  # nothing to check
+        # a library case's own stage, which may name the earlier one too
+        ("El paciente está en estadio IIIA.", "IIIB", True),
+        ("El paciente fue operado de un estadio IB.", "IV (recaída a distancia de un IB operado)", False),
+        (
+            "El paciente tiene una enfermedad en estadio IV.",
+            "IV (recaída a distancia de un IB operado)",
+            False,
+        ),
+        ("El paciente está en estadio IIA.", "IV (recaída a distancia de un IB operado)", True),
+        ("El paciente tiene un derrame pleural maligno, estadio IVA.", "IVA", False),
+        ("El tratamiento del estadio IV es sistémico.", "IIB (T3)", False),  # not about the patient
+    ],
+)
+def test_a_sentence_giving_the_patient_another_stage_is_withheld(sentence, stage, misstated):
+    assert misstates_stage(sentence, stage) is misstated
+    # whatever its words: every term of a sentence taken from the support passes the term check
+    support = support_of([sentence])
+    assert unsupported(sentence, support, stage=stage) is misstated
+    gate = SentenceGate(support, stage)
+    assert (gate.feed("explicacion", sentence + " ") == []) is misstated
+    fallback = Sections("Resumen [1].", "Resumen [1].")
+    grounded = ground_sections(Sections(sentence, sentence), support, fallback, stage=stage)
+    assert grounded.kept == (0 if misstated else 2)
