@@ -25,7 +25,7 @@ from .schema import TeacherResponse
 
 log = logging.getLogger(__name__)
 
-Status = Literal["loading", "ready", "failed"]
+Status = Literal["loading", "ready", "stalled", "failed"]
 
 
 @dataclass
@@ -70,8 +70,37 @@ class ServerState:
     closers: list[Any] = field(default_factory=list)
     loader: asyncio.Task[None] | None = None
 
+    def check_engine(self) -> None:
+        """Bring the LLM component up to date with its engine: failed once the worker has died,
+        "stalled" while one pass of it has run far too long (students get the summary at once
+        meanwhile), ready again when it moves on."""
+        llm, engine = self.components["llm"], self.engine
+        if engine is None or llm.status not in ("ready", "stalled"):
+            return
+        log_file = self.settings.log_dir / "pulmomed-edge.log"
+        if engine.failure:
+            llm.status = "failed"
+            llm.error = (
+                f"El motor de generación se detuvo ({engine.failure}): los alumnos reciben el resumen "
+                f"de las fuentes. / The generation engine stopped: {engine.failure}"
+            )
+            llm.fix = f"restart PulmoMed Edge (close it and start it again); details in {log_file}"
+            return
+        stalled = engine.stalled_s()
+        if stalled:
+            llm.status = "stalled"
+            llm.error = (
+                f"El motor de generación lleva {stalled:.0f} s sin terminar un paso: los alumnos "
+                f"reciben el resumen de las fuentes. / The generation engine has been stuck for "
+                f"{stalled:.0f} s."
+            )
+            llm.fix = f"wait a minute; if it stays stalled, restart PulmoMed Edge (details in {log_file})"
+        elif llm.status == "stalled":
+            llm.status, llm.error, llm.fix = "ready", None, None
+
     @property
     def status(self) -> str:
+        self.check_engine()
         states = {c.status for c in self.components.values()}
         if "loading" in states:
             return "starting"

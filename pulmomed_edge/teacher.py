@@ -462,6 +462,8 @@ class TeacherService:
             return self._fallback(prepared, "fallback-no-grounding")
         loop = asyncio.get_running_loop()
         engine = llm.engine
+        if engine.stalled_s():  # stuck (health says so): a question would only wait out its budget
+            return self._fallback(prepared, "fallback-unavailable")
         # nobody waits on a backfill: it writes in full, in steps no student needs (unless a
         # student joins it: then it wraps up by their deadline)
         max_new, budget_s = self.config.max_new_tokens, BACKFILL_TIMEOUT_S

@@ -747,3 +747,65 @@ def test_baseline_without_repacking_loads_its_weights_like_our_engine(settings):
     )
     assert default.stdout.strip().splitlines()[-1] == "True", default.stderr[-1000:]
     assert patched.stdout.strip().splitlines()[-1] == "False", patched.stderr[-1000:]
+
+
+async def _health(served) -> tuple[int, dict]:
+    async with served.session.get(served.url("/api/v1/health")) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_a_stuck_engine_is_reported_and_students_get_the_summary_at_once(settings):
+    """The worker held inside a step (here by a consumer that blocks, as a hung llama_decode
+    would hold it): health turns degraded and names the fault and the way out, a question gets
+    the grounded summary at once instead of waiting out its budget, and once the worker moves on
+    all is healthy again."""
+    async with own_server(with_settings(settings, backfill=False)) as served:
+        engine = served.state.engine
+        held, release = threading.Event(), threading.Event()
+
+        def stuck(event) -> None:
+            if not held.is_set():
+                held.set()
+                release.wait(120)
+
+        engine.submit(GenerationTask(prompt=engine.rt.tokenize("Hola."), sink=stuck, max_new_tokens=4))
+        try:
+            assert await asyncio.to_thread(held.wait, 120)
+            engine.stall_after_s = 0.05
+            await _until(lambda: engine.stalled_s() > 0, "the stall to show")
+            status, health = await _health(served)
+            assert status == 503 and health["status"] == "degraded"
+            llm = health["components"]["llm"]
+            assert llm["status"] == "stalled" and "sin terminar un paso" in llm["error"]
+            assert "restart PulmoMed Edge" in llm["fix"]
+            started = time.monotonic()
+            status, body = await post(served, {"age": 45, "pack_years": 5, "sensitive_tumor_volume": 2.2})
+            assert status == 200 and body["llm_model"] == "fallback-unavailable"
+            assert body["explicacion"] and body["fuentes"]
+            assert time.monotonic() - started < served.state.settings.budget_s  # not its whole budget
+        finally:
+            release.set()
+        await _until(lambda: engine.stalled_s() == 0 and engine.idle, "the engine to move on")
+        status, health = await _health(served)
+        assert status == 200 and health["status"] == "healthy"
+        assert health["components"]["llm"]["status"] == "ready" and "error" not in health["components"]["llm"]
+
+
+async def test_an_engine_whose_worker_died_is_reported_failed_and_students_still_get_answers(settings):
+    """The worker dies (here a consumer raises inside its step): health says the engine stopped,
+    why and how to recover, and questions still get the grounded summary, not an error."""
+    async with own_server(with_settings(settings, backfill=False)) as served:
+        engine = served.state.engine
+
+        def broken(event) -> None:
+            raise RuntimeError("consumer broke")
+
+        engine.submit(GenerationTask(prompt=engine.rt.tokenize("Hola."), sink=broken, max_new_tokens=4))
+        await _until(lambda: not engine.running, "the worker to stop")
+        status, health = await _health(served)
+        assert status == 503 and health["status"] == "degraded"
+        llm = health["components"]["llm"]
+        assert llm["status"] == "failed" and "consumer broke" in llm["error"]
+        assert "se detuvo" in llm["error"] and "restart PulmoMed Edge" in llm["fix"]
+        status, body = await post(served, {"age": 46, "pack_years": 5, "sensitive_tumor_volume": 2.2})
+        assert status == 200 and body["llm_model"] == "fallback-unavailable" and body["fuentes"]

@@ -37,6 +37,9 @@ WORKER_NICE = 5  # see _yield_to_the_event_loop
 # near its deadline an answer wraps up: the explanation leaves this many tokens for the
 # recommendation, and a section that has MIN_SECTION_TOKENS ends at its next sentence end once
 # fewer than WRAP_UP_TOKENS more would fit
+# a pass of the worker's loop (admission and one step, well under 2 s even with the 3B model)
+# running this long means the engine is stuck: health says so, and students get the summary at once
+STALL_S = 30.0
 RECOMMENDATION_RESERVE = 40
 WRAP_UP_TOKENS = 35  # about one sentence of the small model in Spanish
 MIN_SECTION_TOKENS = 12
@@ -229,6 +232,8 @@ class GenerationEngine:
         newline_tokens = [t for t in range(runtime.n_vocab) if b"\n" in runtime.piece(t)]
         self._no_new_line = dict.fromkeys(newline_tokens, -30.0)
         self.failure: str | None = None
+        self.stall_after_s = STALL_S
+        self._pass_started: float | None = None  # when the worker's current pass began (None: waiting)
         # measured speeds for admission: prompt tokens/s, and the cost of decode calls
         self.prefill_rate = 80.0
         self.step_cost = StepCost()  # decode-only calls by row count: what admission plans with
@@ -276,6 +281,15 @@ class GenerationEngine:
     def running(self) -> bool:
         """Started, not failed and not shutting down: submit() takes tasks."""
         return not self._stopping and self._thread is not None and self._thread.is_alive()
+
+    def stalled_s(self) -> float:
+        """How long the worker's current pass (admission and a step) has run, once that is
+        stall_after_s or more; 0.0 while it keeps up (any thread)."""
+        started = self._pass_started
+        if started is None:
+            return 0.0
+        running = time.monotonic() - started
+        return running if running >= self.stall_after_s else 0.0
 
     def stats(self) -> dict[str, int]:
         with self._cv:
@@ -412,23 +426,38 @@ class GenerationEngine:
                         self._cv.wait(0.5)
                     if self._stopping:
                         break
+                self._pass_started = time.monotonic()
                 self._drop_cancelled()
                 self._admit()
                 if any(s.busy for s in self.slots):
                     self._step()
+                self._pass_started = None
         except Exception as exc:  # the worker must never die silently
             log.exception("engine worker failed")
             self.failure = f"{type(exc).__name__}: {exc}"
+            # every student still running hears of it (the context is not touched again)
             for slot in self.slots:
-                if slot.task:
-                    self._fail(slot, "El motor de generación falló.")
+                if slot.task is not None:
+                    self.counters["errors"] += 1
+                    task, slot.task = slot.task, None
+                    self._tell(task, ErrorEvent("El motor de generación falló."))
         finally:
+            self._pass_started = None
             with self._cv:
                 self._stopping = True
                 pending = list(self._queue)
                 self._queue.clear()
             for task in pending:
-                task.sink(ErrorEvent("El motor de generación se ha detenido."))
+                self._tell(task, ErrorEvent("El motor de generación se ha detenido."))
+
+    @staticmethod
+    def _tell(task: GenerationTask, event: EngineEvent) -> None:
+        """An event while the worker fails or stops: a sink that raises must not keep the other
+        students from theirs (any exception from a sink while running stops the worker)."""
+        try:
+            task.sink(event)
+        except Exception:
+            log.exception("could not deliver %s to a task", type(event).__name__)
 
     def _warm(self, prefix: list[int]) -> None:
         """Evaluate the shared system prefix once and share its KV cells with every slot."""

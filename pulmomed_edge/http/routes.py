@@ -161,6 +161,7 @@ async def library_case(request: web.Request) -> web.Response:
 
 # --- health and search -----------------------------------------------------------------------
 def health_body(state: ServerState) -> dict[str, Any]:
+    state.check_engine()
     components = {name: c.as_json() for name, c in state.components.items()}
     components["cache"] = {"status": "ready", **state.cache.stats()}
     if state.engine is not None:
