@@ -11,7 +11,8 @@ words passes (function words and discourse verbs are ignored), which is why the 
 sentence and needs two new terms, not one.
 
 This catches invention, not every error: a sentence built from the sources' own words can still
-misapply them (a stage read wrong, an adjuvant treatment for a case that does not need it).
+misapply them (an adjuvant treatment for a case that does not need it). One such error is checked
+on its own: a sentence that puts the patient in a stage other than theirs (`misstates_stage`).
 """
 
 from __future__ import annotations

@@ -34,12 +34,12 @@ log = logging.getLogger(__name__)
 
 SENTENCE_END = (".", "!", "?")
 WORKER_NICE = 5  # see _yield_to_the_event_loop
-# near its deadline an answer wraps up: the explanation leaves this many tokens for the
-# recommendation, and a section that has MIN_SECTION_TOKENS ends at its next sentence end once
-# fewer than WRAP_UP_TOKENS more would fit
 # a pass of the worker's loop (admission and one step, well under 2 s even with the 3B model)
 # running this long means the engine is stuck: health says so, and students get the summary at once
 STALL_S = 30.0
+# near its deadline an answer wraps up: the explanation leaves this many tokens for the
+# recommendation, and a section that has MIN_SECTION_TOKENS ends at its next sentence end once
+# fewer than WRAP_UP_TOKENS more would fit
 RECOMMENDATION_RESERVE = 40
 WRAP_UP_TOKENS = 35  # about one sentence of the small model in Spanish
 MIN_SECTION_TOKENS = 12
