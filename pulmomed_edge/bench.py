@@ -171,7 +171,14 @@ def is_cut(answer: dict) -> bool:
 
 
 async def _ask(session: Any, base: str, body: dict, stream: bool, headset: int) -> Outcome:
+    """One request; its timings all come from the clock read as it leaves (`sent`)."""
     started = time.perf_counter()
+    return replace(await _exchange(session, base, body, stream, headset, started), sent=started)
+
+
+async def _exchange(
+    session: Any, base: str, body: dict, stream: bool, headset: int, started: float
+) -> Outcome:
     ttft = None
     try:
         if not stream:
@@ -250,17 +257,15 @@ async def _headset(
                 await asyncio.sleep(pause)
             if args.duration and time.perf_counter() >= t_end:
                 break
-            sent = time.perf_counter()
-            out.append(replace(await _ask(session, base, plan[k % len(plan)], args.stream, i), sent=sent))
+            out.append(await _ask(session, base, plan[k % len(plan)], args.stream, i))
             k += 1
             if not args.duration and k >= len(plan):
                 break
         if args.repeat_after > 0 and not args.duration:
             await asyncio.sleep(args.repeat_after)
             for body in plan:
-                sent = time.perf_counter()
                 outcome = await _ask(session, base, body, args.stream, i)
-                out.append(replace(outcome, repeat=True, sent=sent))
+                out.append(replace(outcome, repeat=True))
     return out
 
 
@@ -421,16 +426,13 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
     # background generations for states that got a busy fallback, started while no student waited
     # (included in generations and new tokens), and those that finished (they pause for students)
     for name in ("started", "answered"):
-        summary[f"backfill_{name}"] = _activity(after, "backfill", name) - _activity(before, "backfill", name)
+        summary[f"backfill_{name}"] = _counted(before, after, "backfill", name)
     # answers that ran out of budget, by when: no word yet, while writing, a joined backfill
     for stage in ("waiting", "writing", "joined"):
-        summary[f"timeouts_{stage}"] = _activity(after, "timeouts", stage) - _activity(
-            before, "timeouts", stage
-        )
+        summary[f"timeouts_{stage}"] = _counted(before, after, "timeouts", stage)
     # students answered fallback-busy at once, by why (the teacher's admission)
     summary["busy"] = {
-        reason: _activity(after, "busy", reason) - _activity(before, "busy", reason)
-        for reason in ("late", "short", "crowds", "queue")
+        reason: _counted(before, after, "busy", reason) for reason in ("late", "short", "crowds", "queue")
     }
     if args.save_answers:
         save_answers(args.save_answers, outcomes)
@@ -468,8 +470,13 @@ def save_answers(path: Path, outcomes: list[Outcome]) -> None:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _activity(health: dict, group: str, counter: str) -> int:
-    return int(health.get("activity", {}).get(group, {}).get(counter, 0))
+def _counted(before: dict, after: dict, group: str, counter: str) -> int:
+    """How much a health `activity` counter grew between two health reports (the run's share)."""
+
+    def read(health: dict) -> int:
+        return int(health.get("activity", {}).get(group, {}).get(counter, 0))
+
+    return read(after) - read(before)
 
 
 # --- entry point -------------------------------------------------------------------------------
