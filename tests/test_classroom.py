@@ -634,6 +634,11 @@ def test_bench_short_mode_completes_and_reports(settings, tmp_path):
     rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 8 and sum(r["repeat"] for r in rows) == 4
     assert all(r["state"] and r["answer"]["explicacion"] and r["answer"]["recomendacion"] for r in rows)
+    # each row's timings: a headset asks again only after its first answer came
+    assert all(r["sent_s"] >= 0 and r["e2e_s"] > 0 for r in rows)
+    for again in (r for r in rows if r["repeat"]):
+        first = next(r for r in rows if r["headset"] == again["headset"] and not r["repeat"])
+        assert again["sent_s"] >= first["sent_s"] + first["e2e_s"]
     # what was streamed is kept beside the checked answer of every answer the model wrote
     written = [
         r
@@ -642,7 +647,7 @@ def test_bench_short_mode_completes_and_reports(settings, tmp_path):
     ]
     assert all(r["streamed"]["explicacion"] for r in written)
     assert "asked again" in proc.stdout
-    assert {"backfill_started", "backfill_answered", "trimmed_answers"} <= ours.keys()
+    assert {"backfill_started", "backfill_answered", "trimmed_answers", "busy"} <= ours.keys()
     assert {
         "ttft_s",
         "e2e_s",
