@@ -145,6 +145,12 @@ SMOKING_QUERIES = {
 }
 
 
+def patient_stage(c: CanonicalState, case: LibraryCase | None) -> str:
+    """The patient's stage: a library case's own (its volumes may suggest another: SEER_004 is
+    stage IV with a primary whose volume reads "IIB"), else the one from the tumour volume."""
+    return case.estadio if case is not None else c.stage
+
+
 def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
     """Spanish queries, one per aspect of the state, most important first.
 
@@ -152,10 +158,8 @@ def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
     model restates passage [1], and they are also what students in a class share most, so
     prompts share long cached prefixes (putting the resistance passage first saved ~5 % of prompt
     tokens but led the 0.5B model to open with the simulator's two-population passage)."""
-    # a library case has its own stage: its volumes may suggest another (SEER_004 is stage IV
-    # with a primary whose volume reads "IIB"), and that stage's passage would contradict it
-    stage = case.estadio if case is not None else c.stage
-    stage_roman = stage.split(" ")[0].rstrip("+")
+    # a library case's own stage: the passage of the stage its volumes suggest would contradict it
+    stage_roman = patient_stage(c, case).split(" ")[0].rstrip("+")
     queries: list[str] = []
     if case is not None:
         queries.append(f"caso de biblioteca {case.caso_id} {case.titulo}")

@@ -77,9 +77,11 @@ def unsupported(
     return novel >= max_novel and novel >= MIN_NOVEL_SHARE * len(set(terms(sentence)))
 
 
-# "estadio IV", "estadio IIB", "estadios I": the stage group and its letter
-_STAGE_MENTION = re.compile(r"\b[Ee]stadios?\s+(IV|I{1,3})([ABC])?(?![A-Za-z])")
-_STAGE = re.compile(r"(?<![A-Za-z])(IV|I{1,3})([ABC])?(?![A-Za-z])")  # in a stage's own text
+# a stage's group and letter ("IV", "IIB", "IA2"), then where it is found: after "estadio(s)" in a
+# sentence, anywhere in a stage's own text
+_ROMAN_STAGE = r"(IV|I{1,3})([ABC])?(?![A-Za-z])"
+_STAGE_MENTION = re.compile(r"\b[Ee]stadios?\s+" + _ROMAN_STAGE)
+_STAGE = re.compile(r"(?<![A-Za-z])" + _ROMAN_STAGE)
 _ONE_PATIENT = re.compile(r"\b(?:paciente|enfermo|enferma)\b", re.IGNORECASE)
 
 

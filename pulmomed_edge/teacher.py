@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from .activity import BUSY_KINDS, CACHE, UNSUPPORTED, RecentAnswers, answer_kind
 from .cache import ResponseCache
-from .canonical import CanonicalState, cache_key, canonicalize, retrieval_queries
+from .canonical import CanonicalState, cache_key, canonicalize, patient_stage, retrieval_queries
 from .cases import CaseLibrary, LibraryCase
 from .engine import (
     DoneEvent,
@@ -116,10 +116,10 @@ class Prepared:
     support: frozenset[str] = frozenset()
 
     @property
-    def stage(self) -> str | None:
-        """The patient's stage, which the answer may not contradict: a library case's own (in its
-        passage), else the one from the tumour volume (in the prompt; user_message)."""
-        return self.case.estadio if self.case is not None else self.state.stage
+    def stage(self) -> str:
+        """The patient's stage, which the answer may not contradict (in the case's passage or,
+        from the tumour volume, in the prompt; user_message)."""
+        return patient_stage(self.state, self.case)
 
 
 @dataclass
