@@ -115,6 +115,12 @@ async def wait_ready(
         await asyncio.sleep(poll)
 
 
+async def health(served: Served) -> tuple[int, dict]:
+    """GET /api/v1/health: its status code and body."""
+    async with served.session.get(served.url("/api/v1/health")) as resp:
+        return resp.status, await resp.json()
+
+
 @contextlib.asynccontextmanager
 async def own_server(settings: Settings, *, wait: bool = True) -> AsyncIterator[Served]:
     """A server of a test's own (other settings than the shared one), closed afterwards."""

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from conftest import own_server, with_settings
+from conftest import health, own_server, with_settings
 
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
@@ -385,8 +385,8 @@ async def test_full_queue_answers_fallback_busy_at_once(served):
     assert status == 200
     assert body["llm_model"] == "fallback-busy"
     assert body["explicacion"] and body["recomendacion"] and body["fuentes"]
-    async with served.session.get(served.url("/api/v1/health")) as resp:  # counted by why
-        assert (await resp.json())["activity"]["busy"] == {**busy, "queue": busy["queue"] + 1}
+    _, after = await health(served)  # counted by why
+    assert after["activity"]["busy"] == {**busy, "queue": busy["queue"] + 1}
 
 
 async def _until(condition, what: str, timeout: float = 120.0, step: float = 0.05) -> None:
@@ -421,12 +421,11 @@ async def test_backfill_answers_a_busy_state_once_the_engine_is_idle(settings, s
         assert again["cache"] == "hit"
         assert again["llm_model"] == served.state.teacher.llm.name  # the model's answer this time
         assert again["explicacion"] and again["recomendacion"]
-        async with served.session.get(served.url("/api/v1/health")) as resp:
-            health = await resp.json()
-        assert health["activity"]["backfill"]["answered"] == 1
+        _, report = await health(served)
+        assert report["activity"]["backfill"]["answered"] == 1
         # what the student got first was a fallback, the repeat came from the cache: no model answer
         # was delivered without a student asking
-        assert health["activity"]["by_kind"] == {"fallback-busy": 1, "cache": 1}
+        assert report["activity"]["by_kind"] == {"fallback-busy": 1, "cache": 1}
 
 
 async def test_a_student_goes_first_and_the_backfill_waits_then_finishes(settings, seed):
@@ -754,11 +753,6 @@ def test_baseline_without_repacking_loads_its_weights_like_our_engine(settings):
     assert patched.stdout.strip().splitlines()[-1] == "False", patched.stderr[-1000:]
 
 
-async def _health(served) -> tuple[int, dict]:
-    async with served.session.get(served.url("/api/v1/health")) as resp:
-        return resp.status, await resp.json()
-
-
 async def test_a_stuck_engine_is_reported_and_students_get_the_summary_at_once(settings):
     """The worker held inside a step (here by a consumer that blocks, as a hung llama_decode
     would hold it): health turns degraded and names the fault and the way out, a question gets
@@ -778,9 +772,9 @@ async def test_a_stuck_engine_is_reported_and_students_get_the_summary_at_once(s
             assert await asyncio.to_thread(held.wait, 120)
             engine.stall_after_s = 0.05
             await _until(lambda: engine.stalled_s() > 0, "the stall to show")
-            status, health = await _health(served)
-            assert status == 503 and health["status"] == "degraded"
-            llm = health["components"]["llm"]
+            status, report = await health(served)
+            assert status == 503 and report["status"] == "degraded"
+            llm = report["components"]["llm"]
             assert llm["status"] == "stalled" and "sin terminar un paso" in llm["error"]
             assert "restart PulmoMed Edge" in llm["fix"]
             started = time.monotonic()
@@ -792,9 +786,9 @@ async def test_a_stuck_engine_is_reported_and_students_get_the_summary_at_once(s
             release.set()
             engine.stall_after_s = STALL_S  # a slow pass of this noisy machine is no stall
         await _until(lambda: engine.stalled_s() == 0 and engine.idle, "the engine to move on")
-        status, health = await _health(served)
-        assert status == 200 and health["status"] == "healthy"
-        assert health["components"]["llm"]["status"] == "ready" and "error" not in health["components"]["llm"]
+        status, report = await health(served)
+        assert status == 200 and report["status"] == "healthy"
+        assert report["components"]["llm"]["status"] == "ready" and "error" not in report["components"]["llm"]
 
 
 async def test_an_engine_whose_worker_died_is_reported_failed_and_students_still_get_answers(settings):
@@ -808,9 +802,9 @@ async def test_an_engine_whose_worker_died_is_reported_failed_and_students_still
 
         engine.submit(GenerationTask(prompt=engine.rt.tokenize("Hola."), sink=broken, max_new_tokens=4))
         await _until(lambda: not engine.running, "the worker to stop")
-        status, health = await _health(served)
-        assert status == 503 and health["status"] == "degraded"
-        llm = health["components"]["llm"]
+        status, report = await health(served)
+        assert status == 503 and report["status"] == "degraded"
+        llm = report["components"]["llm"]
         assert llm["status"] == "failed" and "consumer broke" in llm["error"]
         assert "se detuvo" in llm["error"] and "restart PulmoMed Edge" in llm["fix"]
         status, body = await post(served, {"age": 46, "pack_years": 5, "sensitive_tumor_volume": 2.2})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 
-from conftest import SEED, own_server, wait_ready
+from conftest import SEED, health, own_server, wait_ready
 
 
 async def test_health_is_503_starting_while_loading_then_200(settings):
@@ -31,11 +31,10 @@ async def test_health_is_503_starting_while_loading_then_200(settings):
 async def test_unknown_model_answers_with_grounded_fallback_unavailable(settings):
     async with own_server(replace(settings, model="no-such-model")) as served:
         server, session = served.server, served.session
-        async with session.get(server.make_url("/api/v1/health")) as resp:
-            health = await resp.json()
-        assert resp.status == 503 and health["status"] == "degraded"
-        assert health["components"]["llm"]["status"] == "failed"
-        assert "models add" in health["components"]["llm"]["fix"]
+        status, report = await health(served)
+        assert status == 503 and report["status"] == "degraded"
+        assert report["components"]["llm"]["status"] == "failed"
+        assert "models add" in report["components"]["llm"]["fix"]
         async with session.post(server.make_url("/api/v1/consultar_profesor"), json=SEED) as resp:
             body = await resp.json()
         assert resp.status == 200
@@ -49,11 +48,10 @@ async def test_corrupt_index_is_named_with_its_fix(settings, tmp_path):
     (broken / "index.bin").write_bytes(b"not an index")
     async with own_server(replace(settings, index_dir=broken)) as served:
         server, session = served.server, served.session
-        async with session.get(server.make_url("/api/v1/health")) as resp:
-            health = await resp.json()
-        assert resp.status == 503 and health["status"] == "degraded"
-        assert health["components"]["index"]["status"] == "failed"
-        assert "pulmomed-edge index build" in health["components"]["index"]["fix"]
+        status, report = await health(served)
+        assert status == 503 and report["status"] == "degraded"
+        assert report["components"]["index"]["status"] == "failed"
+        assert "pulmomed-edge index build" in report["components"]["index"]["fix"]
         async with session.post(server.make_url("/api/v1/consultar_profesor"), json=SEED) as resp:
             body = await resp.json()
         assert resp.status == 503 and "componentes" in body
@@ -76,9 +74,9 @@ async def test_grounding_check_is_off_for_a_model_the_lab_added_unless_asked_for
         for value, enabled in (("auto", False), ("1", True)):
             changed = replace(settings, model="lab-model-under-test", grounding=value)
             async with own_server(changed) as served:
-                health = await _health(served)
-            assert health["components"]["llm"]["model"] == "lab-model-under-test"
-            assert health["activity"]["grounding"]["enabled"] is enabled
+                _, body = await health(served)
+            assert body["components"]["llm"]["model"] == "lab-model-under-test"
+            assert body["activity"]["grounding"]["enabled"] is enabled
     finally:
         if before is None:
             local.unlink()
@@ -90,8 +88,3 @@ async def test_grounding_check_is_off_for_a_model_the_lab_added_unless_asked_for
         Settings(grounding="sometimes")
     with pytest.raises(ValueError, match="PULMOMED_PARKED_PREFIXES"):
         Settings.from_env({"PULMOMED_PARKED_PREFIXES": "-1"})
-
-
-async def _health(served) -> dict:
-    async with served.session.get(served.server.make_url("/api/v1/health")) as resp:
-        return await resp.json()
