@@ -77,14 +77,15 @@ class ServerState:
         llm, engine = self.components["llm"], self.engine
         if engine is None or llm.status not in ("ready", "stalled"):
             return
-        log_file = self.settings.log_dir / "pulmomed-edge.log"
         if engine.failure:
             llm.status = "failed"
             llm.error = (
                 f"El motor de generación se detuvo ({engine.failure}): los alumnos reciben el resumen "
                 f"de las fuentes. / The generation engine stopped: {engine.failure}"
             )
-            llm.fix = f"restart PulmoMed Edge (close it and start it again); details in {log_file}"
+            llm.fix = (
+                f"restart PulmoMed Edge (close it and start it again); details in {self.settings.log_file}"
+            )
             return
         stalled = engine.stalled_s()
         if stalled:
@@ -94,7 +95,10 @@ class ServerState:
                 f"reciben el resumen de las fuentes. / The generation engine has been stuck for "
                 f"{stalled:.0f} s."
             )
-            llm.fix = f"wait a minute; if it stays stalled, restart PulmoMed Edge (details in {log_file})"
+            llm.fix = (
+                "wait a minute; if it stays stalled, restart PulmoMed Edge "
+                f"(details in {self.settings.log_file})"
+            )
         elif llm.status == "stalled":
             llm.status, llm.error, llm.fix = "ready", None, None
 

@@ -99,7 +99,7 @@ def setup_logging(settings: Settings) -> Path | None:
     root.addHandler(err)
     try:
         settings.log_dir.mkdir(parents=True, exist_ok=True)
-        path = settings.log_dir / "pulmomed-edge.log"
+        path = settings.log_file
         fh = logging.handlers.RotatingFileHandler(path, maxBytes=5_000_000, backupCount=3, encoding="utf-8")
         fh.setFormatter(fmt)
         root.addHandler(fh)

@@ -126,6 +126,11 @@ class Settings:
         return (not model_added) if switch is None else switch
 
     @property
+    def log_file(self) -> Path:
+        """Where `serve` logs (rotated); what a fault's fix points the teacher to."""
+        return self.log_dir / "pulmomed-edge.log"
+
+    @property
     def effective_threads(self) -> int:
         return self.threads if self.threads > 0 else max(1, os.cpu_count() or 1)
 

@@ -161,7 +161,7 @@ async def library_case(request: web.Request) -> web.Response:
 
 # --- health and search -----------------------------------------------------------------------
 def health_body(state: ServerState) -> dict[str, Any]:
-    state.check_engine()
+    status = state.status  # first: it brings the LLM component up to date with its engine
     components = {name: c.as_json() for name, c in state.components.items()}
     components["cache"] = {"status": "ready", **state.cache.stats()}
     if state.engine is not None:
@@ -169,7 +169,7 @@ def health_body(state: ServerState) -> dict[str, Any]:
         components["llm"]["batch_plan"] = state.engine.plan.as_dict()
         components["llm"]["step_s_by_rows"] = state.engine.step_cost.as_dict()
     body: dict[str, Any] = {
-        "status": state.status,
+        "status": status,
         "version": __version__,
         "uptime_s": round(time.monotonic() - state.started, 1),
         "components": components,
