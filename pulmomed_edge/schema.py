@@ -234,7 +234,10 @@ def _spanish(err: Any) -> str:
     if kind == "finite_number" or "not_finite" in str(ctx.get("error", "")):
         return "Debe ser un número finito (no NaN ni Infinity)."
     if kind == "literal_error":
-        return f"Valor no permitido; usa uno de: {ctx.get('expected', '')}."
+        # pydantic lists the choices in English ("'a', 'b' or 'c'")
+        return f"Valor no permitido; usa uno de: {str(ctx.get('expected', '')).replace(' or ', ', ')}."
+    if kind == "string_unicode":
+        return "El texto contiene caracteres Unicode no válidos."
     if kind == "string_too_long":
         return f"Texto demasiado largo (máximo {ctx.get('max_length')} caracteres)."
     if "number_expected" in str(ctx.get("error", "")):

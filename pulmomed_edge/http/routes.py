@@ -71,6 +71,12 @@ async def _read_state(request: web.Request, state: ServerState) -> SimulationSta
             text=dumps({"error": "El cuerpo de la solicitud no es JSON válido."}),
             content_type="application/json",
         ) from None
+    except RecursionError:
+        # arrays or objects nested thousands deep (the decoder recurses): no state is like that
+        raise web.HTTPBadRequest(
+            text=dumps({"error": "El cuerpo de la solicitud anida demasiadas listas u objetos."}),
+            content_type="application/json",
+        ) from None
     if not isinstance(data, dict):
         raise web.HTTPBadRequest(
             text=dumps({"error": "El cuerpo debe ser un objeto JSON con el estado de la simulación."}),
