@@ -318,10 +318,13 @@ class TeacherService:
             flight.promote(time.monotonic() + ANSWER_SHARE * self.config.budget_s)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         flight.listeners.append(queue)
+        # what was written before this student joined, taken with no await in between: a
+        # sentence published while "meta" is sent goes to the queue only, never to both
+        replay = list(flight.deltas)
         flight.members += 1
         try:
             yield "meta", meta
-            for seccion, texto in list(flight.deltas):
+            for seccion, texto in replay:
                 yield "delta", {"seccion": seccion, "texto": texto}
             assert flight.result is not None
             # a backfill may run past this student's budget: then the student gets the fallback
@@ -347,7 +350,7 @@ class TeacherService:
                 response = flight.result.result()
             else:
                 self.timeouts["joined"] += 1
-                response = self._timed_out(flight)
+                response = self._keeping_shown(flight, "fallback-timeout")
             self.recent.record(answer_kind(response.llm_model))
             yield "done", _timed(response, started, role)
         finally:
@@ -531,7 +534,7 @@ class TeacherService:
             except TimeoutError:
                 task.cancel.set()  # the worker frees the slot at its next step
                 self._note_timeout(flight, first_token_s, first_text)
-                return self._timed_out(flight)
+                return self._keeping_shown(flight, "fallback-timeout")
             if isinstance(event, TextEvent):
                 if first_text is None:
                     first_text = time.monotonic() - flight.created
@@ -540,17 +543,17 @@ class TeacherService:
                         flight.publish("delta", delta)
             elif isinstance(event, ErrorEvent):
                 log.error("generation error: %s", event.message)
-                return self._fallback(prepared, "fallback-error")
+                return self._keeping_shown(flight, "fallback-error")
             elif isinstance(event, DoneEvent):
                 if event.finish == "preempted":  # a student needed the backfill's slot
                     flight.preempted = True
                     return self._fallback(prepared, "fallback-busy")
                 if event.finish == "cancelled":
-                    return self._timed_out(flight)
+                    return self._keeping_shown(flight, "fallback-timeout")
                 sections = split_sections(event.text)
                 if sections is None:
                     log.error("generation without both sections: %r", event.text[:200])
-                    return self._fallback(prepared, "fallback-error")
+                    return self._keeping_shown(flight, "fallback-error")
                 for delta in gate.finish() if gate else []:
                     flight.publish("delta", delta)
                 return self._checked(prepared, sections, llm.name)
@@ -594,14 +597,15 @@ class TeacherService:
             engine.stats() if engine else "-",
         )
 
-    def _timed_out(self, flight: Flight) -> TeacherResponse:
-        """The fallback for an answer that ran out of time, keeping what its students were already
-        shown: with the sentence stream, those are whole sentences that passed the check, so `done`
-        never takes back a sentence a headset displayed; a section with none is the grounded
-        summary's. (Streamed pieces of words are not kept: `done` replaces them, as it always has.)"""
+    def _keeping_shown(self, flight: Flight, label: str) -> TeacherResponse:
+        """The fallback for an answer that ran out of time or broke off, keeping what its students
+        were already shown: with the sentence stream, those are whole sentences that passed the
+        check, so `done` never takes back a sentence a headset displayed; a section with none is
+        the grounded summary's. (Streamed pieces of words are not kept: `done` replaces them, as it
+        always has.)"""
         fallback = self._extractive(flight.prepared)
         if not self.config.checked_stream or not flight.deltas:
-            return self._response(flight.prepared, fallback, "fallback-timeout")
+            return self._response(flight.prepared, fallback, label)
         shown = {"explicacion": "", "recomendacion": ""}
         for seccion, texto in flight.deltas:
             shown[seccion] += texto
@@ -609,7 +613,7 @@ class TeacherService:
             shown["explicacion"].strip() or fallback.explicacion,
             shown["recomendacion"].strip() or fallback.recomendacion,
         )
-        return self._response(flight.prepared, sections, "fallback-timeout")
+        return self._response(flight.prepared, sections, label)
 
     def _response(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
         return TeacherResponse(

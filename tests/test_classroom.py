@@ -28,7 +28,7 @@ from pulmomed_edge.prompts import (
     split_sections,
 )
 from pulmomed_edge.schema import parse_state
-from pulmomed_edge.teacher import answer_budget
+from pulmomed_edge.teacher import Flight, answer_budget
 
 API = "/api/v1/consultar_profesor"
 
@@ -198,6 +198,46 @@ async def test_late_joiner_gets_what_was_already_generated_then_the_rest(served)
 
     assert text(late) == text(early) and text(late)
     assert late[-1][1]["cache"] in ("shared", "hit")
+
+
+async def test_a_joiner_sees_a_sentence_written_while_it_receives_meta_once(served, seed):
+    """A student joins a running generation; while the server sends them `meta`, the generation
+    writes its next sentence. It reaches them once: it used to come both from the replay of what
+    was written and from their queue. The generation is driven by hand to hit that moment."""
+    teacher = served.state.teacher
+    state = parse_state({**seed, "age": 29, "sensitive_tumor_volume": 61.7}, teacher.library.ids)
+    prepared = await asyncio.to_thread(teacher.prepare, state)
+    assert teacher.cache.get(prepared.key) is None
+    flight = Flight(prepared, result=asyncio.get_running_loop().create_future(), created=time.monotonic())
+    teacher._flights[prepared.key] = flight
+    try:
+        flight.publish("delta", ("explicacion", "Primera frase."))
+        events = teacher.stream(state)
+        assert (await anext(events))[0] == "meta"  # the handler writes it out meanwhile
+        flight.publish("delta", ("explicacion", " Segunda frase."))
+        flight.result.set_result(teacher._fallback(prepared, "modelo"))
+        rest = [event async for event in events]
+    finally:
+        teacher._flights.pop(prepared.key, None)
+    assert [d["texto"] for kind, d in rest if kind == "delta"] == ["Primera frase.", " Segunda frase."]
+    assert rest[-1][0] == "done"
+
+
+async def test_an_answer_that_breaks_off_keeps_the_sentences_already_streamed(served, seed):
+    """An engine error (or an answer without both sections) after a checked sentence reached the
+    student: `done` keeps that sentence, labelled a fallback, as a timed-out answer does."""
+    teacher = served.state.teacher
+    assert teacher.config.checked_stream
+    state = parse_state({**seed, "age": 31}, teacher.library.ids)
+    prepared = await asyncio.to_thread(teacher.prepare, state)
+    summary = teacher._fallback(prepared, "x")
+    flight = Flight(prepared)
+    assert teacher._keeping_shown(flight, "fallback-error").explicacion == summary.explicacion
+    flight.publish("delta", ("explicacion", "Una frase que el estudiante ya leyó."))
+    final = teacher._keeping_shown(flight, "fallback-error")
+    assert final.explicacion == "Una frase que el estudiante ya leyó."
+    assert final.recomendacion == summary.recomendacion
+    assert final.llm_model == "fallback-error"
 
 
 async def test_client_that_disconnects_frees_its_slot(served):
