@@ -250,7 +250,16 @@ def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
         max_context_per_slot=settings.max_prompt_tokens + settings.max_new_tokens + 40,
     )
     state.engine = engine
-    state.closers.append(runtime.close)
+
+    def free_runtime() -> None:
+        # a worker stuck inside llama_decode past stop()'s wait would use freed memory: leave
+        # the model to the process's exit instead
+        if engine.worker_alive:
+            log.warning("the engine worker did not stop; the model is freed when the process exits")
+            return
+        runtime.close()
+
+    state.closers.append(free_runtime)
     state.closers.append(engine.stop)  # closed first (reverse order): stop the worker, then free
     component.detail.update({"loaded": True, "slots": settings.slots, "n_ctx": runtime.n_ctx})
     return LanguageModel(

@@ -269,6 +269,8 @@ class GenerationEngine:
                 raise EngineStopped(self.failure or "engine not running")
             if len(self._queue) >= self.queue_size:
                 raise EngineBusy("queue full")
+            if not task.prompt:  # a slot with nothing to evaluate would never sample: it spins
+                raise ValueError("empty prompt")
             if len(task.prompt) + task.max_new_tokens > self.max_context_per_slot:
                 raise ValueError(
                     f"prompt of {len(task.prompt)} tokens + {task.max_new_tokens} new tokens "
@@ -280,7 +282,12 @@ class GenerationEngine:
     @property
     def running(self) -> bool:
         """Started, not failed and not shutting down: submit() takes tasks."""
-        return not self._stopping and self._thread is not None and self._thread.is_alive()
+        return not self._stopping and self.worker_alive
+
+    @property
+    def worker_alive(self) -> bool:
+        """The worker thread still runs (it may be inside a llama.cpp call after stop())."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stalled_s(self) -> float:
         """How long the worker's current pass (admission and a step) has run, once that is
@@ -447,7 +454,14 @@ class GenerationEngine:
                 self._stopping = True
                 pending = list(self._queue)
                 self._queue.clear()
-            for task in pending:
+            # on shutdown, answers still writing end too: nobody may wait on a sink forever
+            running = [s.task for s in self.slots if s.task is not None]
+            for slot in self.slots:
+                slot.task = None
+                if slot.sampler is not None:
+                    slot.sampler.close()
+                    slot.sampler = None
+            for task in running + pending:
                 self._tell(task, ErrorEvent("El motor de generación se ha detenido."))
 
     @staticmethod
@@ -515,6 +529,13 @@ class GenerationEngine:
             self._assign(task, free)
 
     def _assign(self, task: GenerationTask, free: list[_Slot]) -> None:
+        try:  # before any slot changes: a sampler llama.cpp refuses fails this task, not everyone
+            sampler = SequenceSampler(self.rt, task.grammar, task.params)
+        except Exception as exc:
+            log.exception("could not set up sampling for a task")
+            self.counters["errors"] += 1
+            self._tell(task, ErrorEvent(f"No se pudo preparar la generación: {exc}"))
+            return
         prompt = task.prompt
 
         def reusable(slot: _Slot) -> int:
@@ -538,7 +559,7 @@ class GenerationEngine:
         dst.prompt_len = len(prompt)
         dst.task = task
         dst.pending = list(prompt[reuse:])
-        dst.sampler = SequenceSampler(self.rt, task.grammar, task.params)
+        dst.sampler = sampler
         dst.stream = Utf8Stream()
         dst.text = ""
         dst.new_tokens = 0

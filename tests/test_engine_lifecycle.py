@@ -1,0 +1,96 @@
+"""The engine's promises at its edges, on a real engine and the test model: every task it accepts
+hears a final event (also on shutdown), a task it cannot set up fails alone, and a prompt it could
+never evaluate is refused at the door."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import pytest
+
+from pulmomed_edge.config import manifest_path
+from pulmomed_edge.engine import (
+    DoneEvent,
+    ErrorEvent,
+    GenerationEngine,
+    GenerationTask,
+    SamplingParams,
+    TextEvent,
+)
+from pulmomed_edge.engine.chat import ChatTemplate
+from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
+from pulmomed_edge.prompts import ANSWER_GRAMMAR, EXPLANATION_LABEL, SYSTEM_PROMPT
+
+# a guard against hanging the suite, not a speed target: events normally come within a second
+HANG_S = 120
+
+
+@pytest.fixture
+def runtime(models_dir: Path):
+    from pulmomed_edge.model_store import ModelStore
+
+    store = ModelStore(models_dir, manifest_path())
+    path = store.verify(store.default_name("llm", test=True))
+    rt = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=2 * 640, n_seq=2, n_threads=1))
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def engine(runtime: LlamaRuntime):
+    eng = GenerationEngine(runtime, slots=2, parked=0)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def _task(runtime: LlamaRuntime, *, grammar: str | None = ANSWER_GRAMMAR, max_new_tokens: int = 400):
+    template = ChatTemplate.from_runtime(runtime)
+    prompt = runtime.tokenize(template.render(SYSTEM_PROMPT, "Paciente: 60-69 años.", EXPLANATION_LABEL))
+    events: queue.Queue = queue.Queue()
+    task = GenerationTask(
+        prompt=prompt,
+        sink=events.put,
+        grammar=grammar,
+        params=SamplingParams(temperature=0.0),
+        max_new_tokens=max_new_tokens,
+    )
+    return task, events
+
+
+def _final(events: queue.Queue):
+    while True:
+        event = events.get(timeout=HANG_S)
+        if not isinstance(event, TextEvent):
+            return event
+
+
+def test_stopping_the_engine_ends_the_answers_still_writing(engine, runtime):
+    task, events = _task(runtime)
+    engine.submit(task)
+    assert isinstance(events.get(timeout=HANG_S), TextEvent)  # it is writing
+    engine.stop()
+    final = _final(events)  # before the fix, nothing ever came: the caller waited forever
+    assert isinstance(final, ErrorEvent) and "detenido" in final.message
+    assert not engine.worker_alive
+    assert all(slot.task is None and slot.sampler is None for slot in engine.slots)
+
+
+def test_a_task_whose_sampler_cannot_be_set_up_fails_alone(engine, runtime):
+    broken, broken_events = _task(runtime, grammar='root ::= "sin cerrar')
+    good, good_events = _task(runtime, max_new_tokens=24)
+    engine.submit(broken)
+    engine.submit(good)
+    assert isinstance(_final(broken_events), ErrorEvent)
+    assert isinstance(_final(good_events), DoneEvent)  # it used to fail with the whole engine
+    assert engine.running and engine.failure is None
+    assert not any(slot.busy for slot in engine.slots)
+
+
+def test_an_empty_prompt_is_refused_at_submit(engine, runtime):
+    task, _ = _task(runtime)
+    task.prompt = []
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.submit(task)  # accepted, it spun the worker forever without an event
+    assert engine.running and engine.idle
