@@ -139,7 +139,8 @@ class _Slot:
     @property
     def live(self) -> bool:
         """Busy with a task a student waits on (not a background one)."""
-        return self.task is not None and not self.task.background
+        task = self.task  # once: the event loop asks while the worker may free the slot
+        return task is not None and not task.background
 
     @property
     def in_prompt(self) -> bool:
@@ -499,7 +500,8 @@ class GenerationEngine:
         for task in dropped:
             self.counters["cancelled"] += 1
             now = time.monotonic()
-            task.sink(DoneEvent("", "cancelled", len(task.prompt), 0, 0, now - task.submitted, None, 0.0))
+            waited = now - task.submitted
+            task.sink(DoneEvent("", "cancelled", len(task.prompt), 0, 0, waited, None, waited))
         for slot in self.slots:
             if slot.task and slot.task.cancel.is_set():
                 self._finish(slot, "cancelled")
@@ -662,6 +664,8 @@ class GenerationEngine:
                 best, src = common, other
         if src is None:
             return
+        if src in self.parked:  # as in _assign: a parked prompt in use is the last to evict
+            src.last_used = time.monotonic()
         self.rt.seq_cp(src.seq, slot.seq, base, best)
         n = best - base
         slot.kv_tokens.extend(slot.pending[:n])
