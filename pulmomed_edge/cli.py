@@ -97,6 +97,9 @@ def setup_logging(settings: Settings) -> Path | None:
     err = logging.StreamHandler(sys.stderr)
     err.setFormatter(fmt)
     root.addHandler(err)
+    from .http.middlewares import MalformedHttpFilter
+
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
     try:
         settings.log_dir.mkdir(parents=True, exist_ok=True)
         path = settings.log_file

@@ -241,7 +241,7 @@ def _spanish(err: Any) -> str:
     if kind == "string_too_long":
         return f"Texto demasiado largo (máximo {ctx.get('max_length')} caracteres)."
     if "number_expected" in str(ctx.get("error", "")):
-        return "Debe ser un número JSON (sin comillas)."
+        return "Debe ser un número JSON (no un texto entre comillas ni true/false)."
     for key, words in _TYPE_WORDS.items():
         if kind.startswith(key):
             if kind.endswith("_fraction"):

@@ -322,6 +322,7 @@ class TeacherService:
         # sentence published while "meta" is sent goes to the queue only, never to both
         replay = list(flight.deltas)
         flight.members += 1
+        getter: asyncio.Future[tuple[str, Any]] | None = None
         try:
             yield "meta", meta
             for seccion, texto in replay:
@@ -354,6 +355,8 @@ class TeacherService:
             self.recent.record(answer_kind(response.llm_model))
             yield "done", _timed(response, started, role)
         finally:
+            if getter is not None:  # the student left while waiting: no queue read outlives them
+                getter.cancel()
             flight.listeners.remove(queue)
             flight.members -= 1
             if flight.members == 0 and flight.cancel and not flight.result.done() and not flight.backfill:
@@ -542,7 +545,9 @@ class TeacherService:
                     for delta in gate.feed(section, text) if gate else [(section, text)]:
                         flight.publish("delta", delta)
             elif isinstance(event, ErrorEvent):
-                log.error("generation error: %s", event.message)
+                # a shutdown ends the answers still writing: expected, unlike a failure
+                shutdown = engine.failure is None and not engine.running
+                log.log(logging.WARNING if shutdown else logging.ERROR, "generation error: %s", event.message)
                 return self._keeping_shown(flight, "fallback-error")
             elif isinstance(event, DoneEvent):
                 if event.finish == "preempted":  # a student needed the backfill's slot

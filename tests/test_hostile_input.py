@@ -6,7 +6,9 @@ once reached past it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 
 import pytest
@@ -15,6 +17,8 @@ from hypothesis import strategies as st
 from test_api import API, post
 
 from pulmomed_edge.canonical import canonicalize, patient_stage, retrieval_queries
+from pulmomed_edge.http import routes
+from pulmomed_edge.http.middlewares import MalformedHttpFilter
 from pulmomed_edge.prompts import user_message
 from pulmomed_edge.schema import FIELD_ALIASES, InvalidRequest, SimulationState, parse_state
 
@@ -119,3 +123,103 @@ async def test_hostile_bodies_get_a_json_error_and_the_server_goes_on(served, se
         assert not _english(problem["mensaje"]), problem
     ok, _ = await post(served, seed)
     assert ok == 200
+
+
+async def _raw(served, request: bytes) -> tuple[int, dict]:
+    """Send bytes on a socket of our own (what aiohttp's client will not send); the status and
+    JSON body of the answer."""
+    reader, writer = await asyncio.open_connection(served.server.host, served.server.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        status = int(head.split()[1])
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+        )
+        body = await asyncio.wait_for(reader.readexactly(length), 60)
+        return status, json.loads(body)
+    finally:
+        writer.close()
+
+
+def _post_head(headers: str) -> bytes:
+    return f"POST {API} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}\r\n".encode()
+
+
+async def test_expect_headers_get_json_and_a_large_body_is_refused_before_it_is_sent(served):
+    status, body = await _raw(served, _post_head("Content-Length: 2\r\nExpect: 200-ok\r\n"))
+    assert status == 417 and "Expect" in body["error"]
+    # aiohttp's default said "100 Continue" to a body it would then refuse
+    status, body = await _raw(served, _post_head("Content-Length: 10000000\r\nExpect: 100-continue\r\n"))
+    assert status == 413 and "64 KiB" in body["error"]
+
+
+async def test_a_body_that_does_not_decompress_is_a_400_not_a_500(served):
+    raw = b"esto no es gzip"
+    status, body = await _raw(
+        served, _post_head(f"Content-Length: {len(raw)}\r\nContent-Encoding: gzip\r\n") + raw
+    )
+    assert status == 400 and "compresión" in body["error"]
+
+
+async def test_a_body_that_stops_arriving_is_a_408(served, monkeypatch):
+    monkeypatch.setattr(routes, "BODY_READ_S", 0.3)
+    status, body = await _raw(served, _post_head("Content-Length: 100\r\n") + b'{"edad": ')
+    assert status == 408 and "incompleto" in body["error"]
+
+
+async def test_an_integer_too_long_for_python_names_its_field(served):
+    raw = b'{"edad": ' + b"9" * 5_000 + b', "volumen_tumor_sensible": 5}'
+    status, body = await post(served, None, raw=raw)
+    assert status == 422 and body["detalles"][0]["campo"] == "edad"
+
+
+async def test_a_student_who_leaves_while_waiting_leaves_no_error_behind(served, seed, monkeypatch, caplog):
+    """The stream's heartbeat is what finds a headset gone while its answer is still being
+    written; that used to log an unhandled error, then fail closing the answer's generator."""
+    monkeypatch.setattr(routes, "HEARTBEAT_S", 0.01)
+    engine = served.state.engine
+    cancelled = engine.counters["cancelled"]
+    body = {**seed, "age": 38, "sensitive_tumor_volume": 47.5}
+    async with served.session.post(served.url(API + "/stream"), json=body) as resp:
+        assert resp.status == 200
+        while not (await resp.content.readline()).startswith(b"event: meta"):
+            pass  # heartbeats while the passages are retrieved
+        resp.close()  # gone before the first sentence
+    for _ in range(3000):  # the slot is freed within a step of the heartbeat failing
+        if engine.counters["cancelled"] > cancelled and not engine.stats()["active"]:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.counters["cancelled"] > cancelled
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    ok, _ = await post(served, seed)
+    assert ok == 200
+
+
+async def test_malformed_http_is_one_warning_line_in_the_teachers_log(served, caplog):
+    """aiohttp refuses a request it cannot parse before any handler; the filter `serve` installs
+    keeps its log record to one WARNING line instead of an ERROR with a traceback."""
+    aiohttp_log = logging.getLogger("aiohttp.server")
+    quiet = MalformedHttpFilter()
+    aiohttp_log.addFilter(quiet)
+    try:
+        reader, writer = await asyncio.open_connection(served.server.host, served.server.port)
+        writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 60)).split()[1] == b"400"
+        writer.close()
+        for _ in range(100):
+            if any(r.name == "aiohttp.server" for r in caplog.records):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        aiohttp_log.removeFilter(quiet)
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records and all(r.levelno == logging.WARNING and not r.exc_info for r in records)
+    assert "malformed HTTP" in records[0].getMessage()

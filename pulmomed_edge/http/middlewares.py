@@ -24,7 +24,7 @@ def dumps(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False)
 
 
-_MESSAGES = {
+MESSAGES = {
     404: "Ruta no encontrada.",
     405: "Método no permitido en esta ruta.",
     413: "El cuerpo de la solicitud es demasiado grande (máximo 64 KiB).",
@@ -38,11 +38,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
-        message = _MESSAGES.get(exc.status, exc.reason)
+        message = MESSAGES.get(exc.status, exc.reason)
         return json_error(exc.status, message, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+    except ConnectionResetError:
+        raise  # the client left (mid-body or mid-stream): aiohttp closes quietly, no error to log
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, "Error interno del servidor. El equipo técnico puede revisar el registro.")
+
+
+class MalformedHttpFilter(logging.Filter):
+    """aiohttp answers a request it cannot parse (bad framing, an unknown method, a line too long)
+    with its own 400 before any handler runs, and logs a traceback at ERROR: a client's mistake,
+    not ours. Keep one WARNING line for it so the teacher's log shows real errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: malformed HTTP ({exc.message})"
+            record.args = ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class RateLimiter:

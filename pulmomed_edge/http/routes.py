@@ -3,33 +3,55 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .. import __version__
 from ..app import STATE, ServerState
 from ..schema import InvalidRequest, SimulationState, parse_state
-from .middlewares import dumps, json_error
+from .middlewares import MESSAGES, dumps, json_error
 from .status_page import render_status_page
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "5"
+BODY_READ_S = 15.0  # a headset sends its few hundred bytes at once
+HEARTBEAT_S = 5.0  # a comment line on a stream while the answer has nothing new
+
+
+def _json_int(digits: str) -> int | float:
+    # over Python's 4300-digit limit int() raises, and the body would be called "not JSON"
+    return int(digits) if len(digits) <= 1000 else float(digits)
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/v1/consultar_profesor", consultar_profesor)
-    app.router.add_post("/api/v1/consultar_profesor/stream", consultar_profesor_stream)
+    expect = {"expect_handler": _expect}
+    app.router.add_post("/api/v1/consultar_profesor", consultar_profesor, **expect)
+    app.router.add_post("/api/v1/consultar_profesor/stream", consultar_profesor_stream, **expect)
     for base in ("/api/v1/library_cases", "/api/v1/casos_biblioteca"):
-        app.router.add_get(base, library_cases)
-        app.router.add_get(base + "/{caso_id}", library_case)
-    app.router.add_get("/api/v1/health", health)
-    app.router.add_get("/api/v1/search", search)
-    app.router.add_get("/", status_page)
+        app.router.add_get(base, library_cases, **expect)
+        app.router.add_get(base + "/{caso_id}", library_case, **expect)
+    app.router.add_get("/api/v1/health", health, **expect)
+    app.router.add_get("/api/v1/search", search, **expect)
+    app.router.add_get("/", status_page, **expect)
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """An `Expect` header, answered before any middleware runs (aiohttp's default answers in
+    plain English text and says "100 Continue" to a body it will refuse as too large)."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return json_error(417, "Cabecera Expect no admitida: usa «100-continue» o ninguna.")
+    if (request.content_length or 0) > request.app[STATE].settings.max_body_bytes:
+        return json_error(413, MESSAGES[413])
+    if request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started
+    return None
 
 
 # --- the teacher ---------------------------------------------------------------------------
@@ -62,10 +84,25 @@ def _refusal(state: ServerState, request: web.Request) -> web.Response | None:
 
 
 async def _read_state(request: web.Request, state: ServerState) -> SimulationState:
-    body = await request.read()  # over client_max_size → 413 (middleware renders it)
     try:
-        # NaN/Infinity are not JSON: keep them as floats so validation names the field
-        data = json.loads(body.decode("utf-8"), parse_constant=float)
+        # over client_max_size → 413 (middleware renders it); a sender that stalls mid-body
+        # must not hold the connection for ever
+        async with asyncio.timeout(BODY_READ_S):
+            body = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=dumps({"error": "El cuerpo de la solicitud llegó incompleto: vuelve a enviarlo."}),
+            content_type="application/json",
+        ) from None
+    except web.RequestPayloadError:  # e.g. a Content-Encoding the body does not match
+        raise web.HTTPBadRequest(
+            text=dumps({"error": "No se pudo leer el cuerpo de la solicitud (¿compresión errónea?)."}),
+            content_type="application/json",
+        ) from None
+    try:
+        # NaN/Infinity are not JSON: keep them as floats so validation names the field; so are
+        # integers too long for Python to convert (no field's range is anywhere near them)
+        data = json.loads(body.decode("utf-8"), parse_constant=float, parse_int=_json_int)
     except (UnicodeDecodeError, ValueError):
         raise web.HTTPBadRequest(
             text=dumps({"error": "El cuerpo de la solicitud no es JSON válido."}),
@@ -124,7 +161,7 @@ async def consultar_profesor_stream(request: web.Request) -> web.StreamResponse:
         while True:
             next_event = asyncio.ensure_future(events.__anext__())
             while True:
-                done, _ = await asyncio.wait({next_event}, timeout=5.0)
+                done, _ = await asyncio.wait({next_event}, timeout=HEARTBEAT_S)
                 if done:
                     break
                 await response.write(b": esperando\n\n")  # heartbeat while queued or thinking
@@ -142,6 +179,10 @@ async def consultar_profesor_stream(request: web.Request) -> web.StreamResponse:
     finally:
         if next_event is not None and not next_event.done():
             next_event.cancel()
+            # the generator runs until the cancellation reaches it; closing it before that
+            # raised "aclose(): asynchronous generator is already running"
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await next_event
         await events.aclose()
     await response.write_eof()
     return response
