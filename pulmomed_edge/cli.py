@@ -139,7 +139,11 @@ def _serve(args: argparse.Namespace) -> int:
         "Ctrl+C para detener / to stop.",
     ]
     print("\n".join(banner), file=sys.stderr, flush=True)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    # a headset that disconnects cancels its handler at once, so its answer's slot is freed
+    # within a step (aiohttp's default lets the handler run until it next writes)
+    web.run_app(
+        app, host=settings.host, port=settings.port, print=None, access_log=None, handler_cancellation=True
+    )
     return 0
 
 

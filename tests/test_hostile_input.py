@@ -7,10 +7,16 @@ once reached past it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import os
+import socket
+import subprocess
+import sys
 
+import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -223,3 +229,55 @@ async def test_malformed_http_is_one_warning_line_in_the_teachers_log(served, ca
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert records and all(r.levelno == logging.WARNING and not r.exc_info for r in records)
     assert "malformed HTTP" in records[0].getMessage()
+
+
+async def test_the_served_process_frees_the_slot_of_a_headset_that_disconnects(settings, tmp_path):
+    """`pulmomed-edge serve` as a teacher starts it (the test server cancels handlers of lost
+    connections on its own; the CLI's server did not, so an abandoned JSON request ran to the end
+    and an abandoned stream held its slot until the next heartbeat)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        PULMOMED_MODELS_DIR=str(settings.models_dir),
+        PULMOMED_INDEX_DIR=str(settings.index_dir),
+        PULMOMED_LOG_DIR=str(tmp_path / "logs"),
+        PULMOMED_THREADS="1",
+        PULMOMED_BUDGET_S="120",
+        PULMOMED_BACKFILL="0",
+    )
+    cmd = [sys.executable, "-m", "pulmomed_edge", "serve", "--test-models", "--host", "127.0.0.1"]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def engine() -> dict:
+                async with session.get(base + "/api/v1/health") as resp:
+                    return (await resp.json())["components"]["llm"].get("engine", {})
+
+            for _ in range(600):
+                with contextlib.suppress(aiohttp.ClientError):
+                    if (await engine()).get("active") == 0:
+                        break
+                await asyncio.sleep(0.2)
+            body = json.dumps({"edad": 64, "pack_years": 33, "volumen_tumor_sensible": 71.0}).encode()
+            head = f"POST {API} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head.encode() + body)
+            await writer.drain()
+            for _ in range(3000):
+                if (await engine())["active"]:
+                    break
+                await asyncio.sleep(0.01)
+            writer.close()  # the headset is gone while its answer is being written
+            for _ in range(3000):
+                counters = await engine()
+                if not counters["active"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert counters["cancelled"] == 1 and counters["completed"] == 0, counters
+    finally:
+        proc.terminate()
+        proc.wait(30)
