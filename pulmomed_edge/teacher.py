@@ -139,6 +139,8 @@ class Flight:
     created: float = 0.0  # time.monotonic() when it started: its budget runs from here
     task: GenerationTask | None = None  # once submitted to the engine
     joined_by: float | None = None  # a backfill a student joined: the deadline it now has
+    # every student left a student's generation: it is cancelled, and nobody may join it
+    abandoned: bool = False
 
     def promote(self, deadline: float) -> None:
         """A student joined this backfill: from now on it runs as their generation, and wraps up
@@ -148,6 +150,15 @@ class Flight:
         self.joined_by = deadline
         if self.task is not None:
             self.task.promote(deadline)
+
+    def demote(self) -> None:
+        """Every student who joined this backfill left: it goes on for the cache in the steps
+        students leave free, as before they came."""
+        if not self.backfill or self.joined_by is None:
+            return
+        self.joined_by = None
+        if self.task is not None:
+            self.task.demote()
 
     def publish(self, kind: str, data: Any) -> None:
         if kind == "delta":
@@ -295,7 +306,7 @@ class TeacherService:
         """Events: ("meta", dict), ("delta", {"seccion", "texto"})…, ("done", TeacherResponse)."""
         started = time.perf_counter()
         prepared = self.prepared_if_known(state) or await asyncio.to_thread(self.prepare, state)
-        model_name = self.llm.name if self.llm else "fallback-unavailable"
+        model_name = self.llm.name if self.llm and not self._engine_down() else "fallback-unavailable"
         meta = {
             "estadio": prepared.state.stage,
             "fuentes": _sources(prepared.passages),
@@ -310,7 +321,9 @@ class TeacherService:
             return
         flight = self._flights.get(prepared.key)
         role = "shared"
-        if flight is None or flight.preempted:  # a preempted backfill ends with a fallback: not that
+        # a preempted backfill ends with a fallback: not that; nor, with the engine stuck, a
+        # backfill that would keep the student for their whole budget
+        if flight is None or flight.preempted or (flight.backfill and self._engine_down()):
             self._last_live = time.monotonic()
             flight = self._launch(prepared)
             role = "miss"
@@ -359,8 +372,15 @@ class TeacherService:
                 getter.cancel()
             flight.listeners.remove(queue)
             flight.members -= 1
-            if flight.members == 0 and flight.cancel and not flight.result.done() and not flight.backfill:
-                flight.cancel()  # nobody is listening any more: free the slot
+            if flight.members == 0 and not flight.result.done():
+                if flight.backfill:
+                    flight.demote()
+                else:  # nobody is listening any more: free the slot, and let nobody join it
+                    flight.abandoned = True
+                    if self._flights.get(prepared.key) is flight:
+                        del self._flights[prepared.key]
+                    if flight.cancel:
+                        flight.cancel()
 
     def _launch(self, prepared: Prepared, *, backfill: bool = False, attempt: int = 0) -> Flight:
         """Register a flight for this state (identical requests join it) and start generating."""
@@ -381,12 +401,19 @@ class TeacherService:
                 self._missed.pop(key, None)
                 if flight.backfill:
                     self.backfilled += 1
-            elif response.llm_model in BUSY_KINDS:
+            elif response.llm_model in BUSY_KINDS and not flight.abandoned:
                 self._remember_miss(flight)
         except Exception:  # never leave joiners hanging
             log.exception("generation flight failed")
+            if flight.task is not None:
+                flight.task.cancel.set()  # nobody will read what it writes
             if not flight.result.done():
-                flight.result.set_result(self._fallback(flight.prepared, "fallback-error"))
+                try:  # what the students were already shown stays
+                    response = self._keeping_shown(flight, "fallback-error")
+                except Exception:
+                    log.exception("no fallback keeping what was shown")
+                    response = self._fallback(flight.prepared, "fallback-error")
+                flight.result.set_result(response)
         finally:
             if self._flights.get(flight.prepared.key) is flight:
                 del self._flights[flight.prepared.key]
@@ -394,7 +421,8 @@ class TeacherService:
     # --- backfill (event loop) ----------------------------------------------------------------
     def start_backfill(self) -> None:
         """Start the background loop (composition root, once the engine runs)."""
-        if self.config.backfill and self.llm is not None and self._backfiller is None:
+        # a backfill's only use is the cache entry it leaves
+        if self.config.backfill and self.llm is not None and self.cache.size > 0 and self._backfiller is None:
             self._backfiller = asyncio.create_task(self._backfill_loop(), name="backfill")
 
     async def close(self) -> None:
@@ -414,6 +442,13 @@ class TeacherService:
             "started": self.backfill_started,
             "answered": self.backfilled,
         }
+
+    def _engine_down(self) -> bool:
+        """The engine cannot answer now: stopped, failed or stuck in one pass (health says so)."""
+        if self.llm is None:
+            return False
+        engine = self.llm.engine
+        return not engine.running or engine.stalled_s() > 0
 
     def _remember_miss(self, flight: Flight) -> None:
         # a student's own miss is always remembered (attempt 0); a preempted try does not count
@@ -438,8 +473,8 @@ class TeacherService:
         """Start background generations for missed states; they wait in their slots while
         students' generations run and compute in the steps those leave free."""
         now = time.monotonic()
-        if not self._missed or now - self._last_live < BACKFILL_QUIET_S:
-            return
+        if not self._missed or now - self._last_live < BACKFILL_QUIET_S or self._engine_down():
+            return  # a stuck engine would turn each state into a fallback and forget it
         running = [f for f in self._flights.values() if f.backfill]
         while self._missed and len(running) < BACKFILL_AT_ONCE:
             key, (prepared, attempts, missed_at) = self._missed.popitem(last=True)
@@ -513,6 +548,8 @@ class TeacherService:
         flight.task = task
         if flight.preempted:  # shut down before this backfill reached the engine
             return self._fallback(prepared, "fallback-busy")
+        if flight.abandoned:  # every student left before it reached the engine
+            return self._fallback(prepared, "fallback-timeout")
         try:
             llm.engine.submit(task)
         except EngineBusy:

@@ -14,6 +14,7 @@ import time
 
 from conftest import health, own_server, with_settings
 
+from pulmomed_edge import teacher as teacher_module
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
 from pulmomed_edge.engine.scheduler import STALL_S, common_prefix
@@ -238,6 +239,57 @@ async def test_an_answer_that_breaks_off_keeps_the_sentences_already_streamed(se
     assert final.explicacion == "Una frase que el estudiante ya leyó."
     assert final.recomendacion == summary.recomendacion
     assert final.llm_model == "fallback-error"
+
+
+async def test_a_student_who_asks_again_after_leaving_gets_a_new_answer(served, seed):
+    """A headset that drops its request and asks again at once (a retry) starts a new answer:
+    it used to join the generation its first request had just cancelled, and got its fallback."""
+    teacher = served.state.teacher
+    state = parse_state({**seed, "age": 47, "sensitive_tumor_volume": 33.3}, teacher.library.ids)
+    events = teacher.stream(state)
+    assert (await anext(events))[0] == "meta"
+    key = teacher.prepared_if_known(state).key
+    first = teacher._flights[key]
+    await events.aclose()  # the headset left (the server cancels its handler)
+    assert first.abandoned and teacher._flights.get(key) is not first
+    final = None
+    async for kind, data in teacher.stream(state):
+        if kind == "done":
+            final = data
+    assert final.cache == "miss" and final.llm_model == teacher.llm.name
+    assert (await first.result).llm_model == "fallback-timeout"  # it never reached the engine
+
+
+async def test_a_failure_while_streaming_cancels_the_task_and_keeps_what_was_shown(served, seed, monkeypatch):
+    """Anything that breaks in the teacher after the engine took the task (here the sentence
+    check, made to fail right after it released its first sentence): the task is cancelled, not
+    left writing for nobody, and `done` keeps the sentence the student already read."""
+    teacher, engine = served.state.teacher, served.state.engine
+
+    class FailingGate(teacher_module.SentenceGate):
+        released = False
+
+        def feed(self, section, text):
+            if self.released:
+                raise RuntimeError("a fault injected by the test")
+            out = super().feed(section, text)
+            self.released = bool(out)
+            return out
+
+    monkeypatch.setattr(teacher_module, "SentenceGate", FailingGate)
+    await wait_idle(engine)
+    cancelled = engine.counters["cancelled"]
+    state = parse_state({**seed, "age": 57, "sensitive_tumor_volume": 12.5}, teacher.library.ids)
+    shown = ""
+    async for kind, data in teacher.stream(state):
+        if kind == "delta":
+            shown += data["texto"]
+        elif kind == "done":
+            final = data
+    assert shown, "the fault came before any sentence was shown"
+    assert final.llm_model == "fallback-error" and final.explicacion == shown.strip()
+    await wait_idle(engine)
+    assert engine.counters["cancelled"] == cancelled + 1  # it used to write on for nobody
 
 
 async def test_client_that_disconnects_frees_its_slot(served):
@@ -502,6 +554,14 @@ async def test_a_student_who_asks_the_backfilled_state_joins_and_promotes_it(set
         assert status == 200 and first["llm_model"] == "fallback-busy"
         await _until(lambda: teacher.backfill_stats()["running"] == 1, "the backfill to start", step=0.01)
         backfill = next(f for f in teacher._flights.values() if f.backfill)
+        # a student who joins and leaves: the backfill takes their deadline, then drops it and
+        # goes on as background work (it used to stay a student's task until that deadline)
+        events = teacher.stream(parse_state(busy_state, teacher.library.ids))
+        assert (await anext(events))[0] == "meta"
+        assert backfill.joined_by is not None and not backfill.task.background
+        await events.aclose()
+        assert backfill.joined_by is None and backfill.task.background and backfill.task.deadline is None
+        assert not backfill.abandoned and teacher._flights[backfill.prepared.key] is backfill
         status, joined = await post(served, busy_state)
         assert status == 200
         # the student got the model's answer from the running backfill, which took their deadline
@@ -822,6 +882,16 @@ async def test_a_stuck_engine_is_reported_and_students_get_the_summary_at_once(s
             assert status == 200 and body["llm_model"] == "fallback-unavailable"
             assert body["explicacion"] and body["fuentes"]
             assert time.monotonic() - started < served.state.settings.budget_s  # not its whole budget
+            # nor does a student whose state a background answer is writing wait on it
+            teacher = served.state.teacher
+            backfilled = {"age": 52, "pack_years": 15, "sensitive_tumor_volume": 8.0}
+            prepared = await asyncio.to_thread(teacher.prepare, parse_state(backfilled, set()))
+            loop = asyncio.get_running_loop()
+            stuck_backfill = Flight(prepared, backfill=True, result=loop.create_future(), created=started)
+            teacher._flights[prepared.key] = stuck_backfill
+            status, body = await post(served, backfilled)
+            assert status == 200 and body["llm_model"] == "fallback-unavailable"
+            assert stuck_backfill.members == 0  # it used to join, and wait out its budget
         finally:
             release.set()
             engine.stall_after_s = STALL_S  # a slow pass of this noisy machine is no stall

@@ -104,6 +104,11 @@ class GenerationTask:
         self.deadline = deadline
         self.background = False
 
+    def demote(self) -> None:
+        """Nobody waits on it any more: background work again, with no deadline (any thread)."""
+        self.background = True
+        self.deadline = None
+
 
 class EngineBusy(RuntimeError):
     """The queue is full: answer the student at once instead of making them wait."""
