@@ -8,10 +8,13 @@ platformdirs user data dir. Logs always go to the platformdirs user log dir.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+from .errors import SettingsError
 
 APP_NAME = "pulmomed-edge"
 APP_AUTHOR = "PulmoMed"
@@ -61,6 +64,27 @@ def manifest_path() -> Path:
 
 
 MAX_PARKED_PREFIXES = 64  # llama.cpp allows 256 sequences in all; each parked prompt is one
+MAX_SLOTS = 64  # with the parked prompts, well inside llama.cpp's 256 sequences
+
+# the numbers a setting may take (a value outside fails at start-up, naming its variable)
+_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("port", 0, 65535),
+    ("threads", 0, 1024),
+    ("slots", 1, MAX_SLOTS),
+    ("parked_prefixes", 0, MAX_PARKED_PREFIXES),
+    ("prefill_chunk", 1, 4096),
+    ("n_ctx", 0, math.inf),
+    ("max_prompt_tokens", 128, math.inf),
+    ("max_new_tokens", 1, math.inf),
+    ("budget_s", 1, math.inf),
+    ("queue_size", 0, math.inf),
+    ("temperature", 0, 2),
+    ("top_k_passages", 1, 20),
+    ("cache_size", 0, math.inf),
+    ("cache_ttl_s", 0, math.inf),
+    ("rate_limit_per_min", 0, math.inf),
+    ("max_body_bytes", 1024, math.inf),
+)
 
 
 @dataclass(frozen=True)
@@ -114,11 +138,13 @@ class Settings:
 
     def __post_init__(self) -> None:
         if _switch(self.grounding) is None and self.grounding.strip().lower() != "auto":
-            raise ValueError(f"PULMOMED_GROUNDING={self.grounding!r}: use auto, 1 or 0")
-        if not 0 <= self.parked_prefixes <= MAX_PARKED_PREFIXES:
-            raise ValueError(
-                f"PULMOMED_PARKED_PREFIXES={self.parked_prefixes}: use 0 (off) to {MAX_PARKED_PREFIXES}"
-            )
+            raise SettingsError("grounding", self.grounding, "use auto, 1 or 0", "usa auto, 1 o 0")
+        for name, low, high in _RANGES:
+            value = getattr(self, name)
+            if not low <= value <= high:
+                if high == math.inf:
+                    raise SettingsError(name, value, f"use {low} or more", f"usa {low} o más")
+                raise SettingsError(name, value, f"use {low} to {high}", f"usa de {low} a {high}")
 
     def grounding_on(self, *, model_added: bool) -> bool:
         """Whether to check answers against their sources with this model (see `grounding`)."""
@@ -155,15 +181,21 @@ def _switch(raw: str) -> bool | None:
 
 def _coerce(type_name: object, raw: str, name: str) -> object:
     kind = str(type_name)
+    if kind == "bool":
+        if (switch := _switch(raw)) is None:
+            raise SettingsError(name, raw, "use 1 or 0", "usa 1 o 0")
+        return switch
     try:
-        if kind == "bool":
-            return raw.strip().lower() in _TRUE
         if kind == "int":
             return int(raw)
         if kind == "float":
-            return float(raw)
-        if kind == "Path":
-            return Path(raw).expanduser()
-    except ValueError as exc:
-        raise ValueError(f"PULMOMED_{name.upper()}={raw!r}: {exc}") from exc
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
+    except ValueError:
+        words = ("a whole number", "un número entero") if kind == "int" else ("a number", "un número")
+        raise SettingsError(name, raw, f"use {words[0]}", f"usa {words[1]}") from None
+    if kind == "Path":
+        return Path(raw).expanduser()
     return raw

@@ -35,3 +35,15 @@ class CorpusError(PulmoMedError):
 
 class EngineError(PulmoMedError):
     """The generation engine failed or is not running."""
+
+
+class SettingsError(PulmoMedError, ValueError):
+    """A PULMOMED_* variable (or the flag that sets the same knob) has a value we cannot use."""
+
+    def __init__(self, name: str, raw: object, expected: str, esperado: str) -> None:
+        variable = f"PULMOMED_{name.upper()}"
+        super().__init__(
+            f"El valor {raw!r} de {variable} no es válido: {esperado}.",
+            f"{variable}={raw!r} is not valid: {expected}",
+            f"set {variable} to a valid value, or unset it to use the default",
+        )

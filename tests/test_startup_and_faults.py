@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
+import pytest
 from conftest import SEED, health, own_server, wait_ready
+
+from pulmomed_edge.config import Settings
+from pulmomed_edge.errors import SettingsError
 
 
 async def test_health_is_503_starting_while_loading_then_200(settings):
@@ -59,9 +66,7 @@ async def test_corrupt_index_is_named_with_its_fix(settings, tmp_path):
 
 async def test_grounding_check_is_off_for_a_model_the_lab_added_unless_asked_for(settings, tmp_path):
     """It was tuned on the pinned models: "auto" leaves a lab's own model alone; "1" forces it."""
-    import pytest
-
-    from pulmomed_edge.config import Settings, manifest_path
+    from pulmomed_edge.config import manifest_path
     from pulmomed_edge.model_store import ModelStore
 
     store = ModelStore(settings.models_dir, manifest_path())
@@ -88,3 +93,34 @@ async def test_grounding_check_is_off_for_a_model_the_lab_added_unless_asked_for
         Settings(grounding="sometimes")
     with pytest.raises(ValueError, match="PULMOMED_PARKED_PREFIXES"):
         Settings.from_env({"PULMOMED_PARKED_PREFIXES": "-1"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("PULMOMED_SLOTS", "0"),  # the engine died at start-up with an IndexError
+        ("PULMOMED_PREFILL_CHUNK", "0"),
+        ("PULMOMED_PORT", "99999"),  # an OverflowError when binding
+        ("PULMOMED_PORT", "abc"),
+        ("PULMOMED_BACKFILL", "nope"),  # silently meant "off"
+        ("PULMOMED_BUDGET_S", "nan"),
+    ],
+)
+def test_a_setting_out_of_range_is_refused_naming_its_variable(variable, raw):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({variable: raw})
+    assert variable in caught.value.message and variable in caught.value.mensaje
+    assert caught.value.fix
+
+
+def test_serve_with_a_bad_setting_says_so_without_a_traceback(tmp_path):
+    env = dict(os.environ, PULMOMED_SLOTS="0", PULMOMED_LOG_DIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pulmomed_edge", "serve", "--test-models"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "PULMOMED_SLOTS" in proc.stderr and "Traceback" not in proc.stderr
