@@ -20,7 +20,7 @@ from aiohttp import web
 from .cache import ResponseCache
 from .cases import CaseLibrary
 from .config import Settings, manifest_path
-from .errors import PulmoMedError
+from .errors import KnowledgeIndexError, ModelError, PulmoMedError
 from .schema import TeacherResponse
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,13 @@ async def load_components(state: ServerState) -> None:
     except Exception as exc:
         log.error("embeddings failed: %s", exc)
         state.components["embeddings"].fail(exc)
-        state.components["index"].fail(RuntimeError("needs the embedding model"))
+        state.components["index"].fail(
+            KnowledgeIndexError(
+                "El índice necesita el modelo de embeddings, que no se pudo cargar.",
+                "The index needs the embedding model, which failed to load.",
+                "fix the embeddings component first (see its fix), then restart",
+            )
+        )
     else:
         try:
             retriever = await asyncio.to_thread(open_retriever, settings.index_dir, encoder, encoder_sha)
@@ -225,22 +231,50 @@ async def load_components(state: ServerState) -> None:
 def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
     from .engine import GenerationEngine
     from .engine.chat import ChatTemplate
-    from .engine.runtime import LlamaRuntime, RuntimeConfig
+    from .engine.runtime import ContextFailed, LlamaRuntime, ModelLoadFailed, RuntimeConfig
     from .teacher import LanguageModel
 
     name = settings.model or store.default_name("llm", test=settings.test_models)
     component = state.components["llm"]
     entry = store.entry(name)
     component.detail = {"model": name, "sha256": entry.sha256, "loaded": False}
-    path = store.verify(name)
-    runtime = LlamaRuntime(
-        RuntimeConfig(
-            model_path=path,
-            n_ctx=settings.effective_n_ctx,
-            n_seq=settings.slots + settings.parked_prefixes,
-            n_threads=settings.effective_threads,
+    if entry.role != "llm":
+        llms = ", ".join(e.name for e in store.entries() if e.role == "llm")
+        raise ModelError(
+            f"«{name}» no es un modelo de lenguaje (su rol es «{entry.role}»).",
+            f"{name!r} is not a language model (its role is {entry.role!r}).",
+            f"start with --model set to one of: {llms} (or PULMOMED_MODEL)",
         )
-    )
+    path = store.verify(name)
+    try:
+        runtime = LlamaRuntime(
+            RuntimeConfig(
+                model_path=path,
+                n_ctx=settings.effective_n_ctx,
+                n_seq=settings.slots + settings.parked_prefixes,
+                n_threads=settings.effective_threads,
+            )
+        )
+    except ModelLoadFailed:
+        again = (
+            f"copy the file again and register it with `pulmomed-edge models add PATH --name {name}`"
+            if entry.is_local
+            else f"run `pulmomed-edge models verify --full {name}`"
+        )
+        raise ModelError(
+            f"llama.cpp no pudo cargar el modelo «{name}» ({path}): el archivo puede estar "
+            "incompleto o no ser un modelo GGUF que llama.cpp admita.",
+            f"llama.cpp could not load model {name!r} ({path}): the file may be incomplete or not "
+            "a GGUF model llama.cpp supports.",
+            f"{again}; or start with another --model",
+        ) from None
+    except ContextFailed as exc:
+        raise ModelError(
+            f"No hay memoria para el contexto del modelo «{name}» ({settings.effective_n_ctx} tokens).",
+            f"{exc}.",
+            "lower PULMOMED_SLOTS or PULMOMED_PARKED_PREFIXES (or PULMOMED_MAX_PROMPT_TOKENS), "
+            "or close other programs",
+        ) from None
     engine = GenerationEngine(
         runtime,
         slots=settings.slots,

@@ -328,7 +328,8 @@ class ModelStore:
                 f"Invalid model name {name!r}: use letters, digits, '.', '_' or '-'.",
                 "pick a name such as llama-3.2-3b-instruct-q4_k_m",
             )
-        if name in self._pinned:
+        # names become file names (stamps), and Windows does not tell "A" from "a"
+        if name.lower() in {n.lower() for n in self._pinned}:
             raise ModelError(
                 f"El nombre «{name}» ya es de un modelo fijado en el manifiesto.",
                 f"The name {name!r} belongs to a pinned model in the manifest.",
@@ -356,7 +357,7 @@ class ModelStore:
                 "wait for the copy to finish, then run the same command again",
             )
         entry = ModelEntry(name, "llm", source.name, after.st_size, digest, path=source)
-        records = [r for r in self._local_records() if r.get("name") != name]
+        records = [r for r in self._local_records() if str(r.get("name", "")).lower() != name.lower()]
         records.append(
             {"name": name, "role": entry.role, "path": str(source), "size": entry.size,
              "sha256": digest, "added": _now_iso()}
@@ -382,12 +383,20 @@ class ModelStore:
     def _local_entries(self) -> dict[str, ModelEntry]:
         entries = {}
         for r in self._local_records():
-            if r["name"] in self._pinned:
-                continue  # pinned names win over a hand-edited local manifest
-            path = Path(r["path"])
-            entries[r["name"]] = ModelEntry(
-                r["name"], r["role"], path.name, int(r["size"]), r["sha256"], path=path
-            )
+            try:
+                if r["name"] in self._pinned:
+                    continue  # pinned names win over a hand-edited local manifest
+                path = Path(r["path"])
+                entries[r["name"]] = ModelEntry(
+                    r["name"], r.get("role", "llm"), path.name, int(r["size"]), r["sha256"], path=path
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelError(
+                    f"El manifiesto local {self.local_manifest_path} tiene un registro dañado: {r!r}",
+                    f"The local manifest {self.local_manifest_path} has a damaged record ({exc!r}): {r!r}",
+                    "register that model again with `pulmomed-edge models add PATH --name NAME`, or "
+                    "delete the file and register the lab's models again",
+                ) from None
         return entries
 
     def _path(self, entry: ModelEntry) -> Path:

@@ -295,6 +295,28 @@ def test_add_rejects_a_missing_file_and_a_pinned_name(
         store.add(tmp_path / "nope.gguf", "lab-llm", progress=False)
     with pytest.raises(ModelError, match="pinned model"):
         store.add(lab_gguf, "tiny-llm", progress=False)
+    # on Windows "TINY-LLM.verified" and "tiny-llm.verified" are one stamp file
+    with pytest.raises(ModelError, match="pinned model"):
+        store.add(lab_gguf, "Tiny-LLM", progress=False)
+
+
+def test_names_that_differ_only_in_case_are_one_lab_model(store: ModelStore, lab_gguf: Path) -> None:
+    store.add(lab_gguf, "lab-llm", progress=False)
+    store.add(lab_gguf, "LAB-llm", progress=False)
+    assert [r["name"] for r in json.loads(store.local_manifest_path.read_text())["models"]] == ["LAB-llm"]
+
+
+def test_a_damaged_local_record_is_named_with_its_fix(store: ModelStore, lab_gguf: Path) -> None:
+    store.add(lab_gguf, "lab-llm", progress=False)
+    data = json.loads(store.local_manifest_path.read_text())
+    del data["models"][0]["role"]  # an older or hand-edited record: still an LLM
+    store.local_manifest_path.write_text(json.dumps(data))
+    assert store.entry("lab-llm").role == "llm"
+    del data["models"][0]["sha256"]
+    store.local_manifest_path.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="damaged record") as err:
+        store.entries()  # it was a KeyError with a traceback
+    assert "models add" in err.value.fix
 
 
 def test_a_moved_added_file_points_to_models_add(store: ModelStore, lab_gguf: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -13,6 +14,23 @@ from conftest import SEED, health, own_server, wait_ready
 
 from pulmomed_edge.config import Settings
 from pulmomed_edge.errors import SettingsError
+
+
+@contextlib.contextmanager
+def lab_model(store, path, name: str):
+    """`path` registered as the lab's model `name` in the checkout's store for one test; the
+    local manifest and the model's stamp are as before afterwards."""
+    local = store.local_manifest_path
+    before = local.read_bytes() if local.exists() else None
+    store.add(path, name, progress=False)
+    try:
+        yield
+    finally:
+        store._stamp_path(store.entry(name)).unlink(missing_ok=True)
+        if before is None:
+            local.unlink(missing_ok=True)
+        else:
+            local.write_bytes(before)
 
 
 async def test_health_is_503_starting_while_loading_then_200(settings):
@@ -72,21 +90,13 @@ async def test_grounding_check_is_off_for_a_model_the_lab_added_unless_asked_for
     store = ModelStore(settings.models_dir, manifest_path())
     copy = tmp_path / "lab-model.gguf"
     shutil.copyfile(store.verify(store.default_name("llm", test=True)), copy)
-    local = store.local_manifest_path
-    before = local.read_bytes() if local.exists() else None
-    store.add(copy, "lab-model-under-test", progress=False)
-    try:
+    with lab_model(store, copy, "lab-model-under-test"):
         for value, enabled in (("auto", False), ("1", True)):
             changed = replace(settings, model="lab-model-under-test", grounding=value)
             async with own_server(changed) as served:
                 _, body = await health(served)
             assert body["components"]["llm"]["model"] == "lab-model-under-test"
             assert body["activity"]["grounding"]["enabled"] is enabled
-    finally:
-        if before is None:
-            local.unlink()
-        else:
-            local.write_bytes(before)
     assert Settings(grounding="auto").grounding_on(model_added=False)
     assert not Settings(grounding="0").grounding_on(model_added=False)
     with pytest.raises(ValueError, match="PULMOMED_GROUNDING"):
@@ -124,3 +134,29 @@ def test_serve_with_a_bad_setting_says_so_without_a_traceback(tmp_path):
     )
     assert proc.returncode == 1
     assert "PULMOMED_SLOTS" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_a_model_that_is_not_an_llm_or_does_not_load_is_named_with_its_fix(settings, tmp_path):
+    """`--model` set to the tokenizer, or to a lab GGUF cut short in copying: health names the
+    fault in Spanish and English and the way out (it was an English RuntimeError, or the server
+    tried to load a tokenizer as a model)."""
+    from pulmomed_edge.config import manifest_path
+    from pulmomed_edge.model_store import ModelStore
+
+    async with own_server(replace(settings, model="all-minilm-l6-v2-tokenizer")) as served:
+        _, report = await health(served)
+        llm = report["components"]["llm"]
+        assert llm["status"] == "failed" and "no es un modelo de lenguaje" in llm["error"]
+        assert "smollm2-135m-instruct-q4_1" in llm["fix"]
+
+    store = ModelStore(settings.models_dir, manifest_path())
+    whole = store.verify(store.default_name("llm", test=True))
+    cut = tmp_path / "copia a medias.gguf"
+    with whole.open("rb") as src:
+        cut.write_bytes(src.read(2_000_000))  # the header and part of the weights
+    with lab_model(store, cut, "copia-incompleta"):
+        async with own_server(replace(settings, model="copia-incompleta")) as served:
+            _, report = await health(served)
+        llm = report["components"]["llm"]
+        assert llm["status"] == "failed" and "incompleto" in llm["error"] and "incomplete" in llm["error"]
+        assert "models add" in llm["fix"]

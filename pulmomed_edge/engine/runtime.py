@@ -49,6 +49,14 @@ def _quiet_llama_logs(llama_cpp: object) -> None:
     llama_cpp.llama_log_set(_sink, None)  # type: ignore[attr-defined]
 
 
+class ModelLoadFailed(RuntimeError):
+    """llama.cpp refused the model file (truncated, not a model it supports)."""
+
+
+class ContextFailed(RuntimeError):
+    """llama.cpp loaded the model but could not allocate the context (memory)."""
+
+
 class LlamaRuntime:
     """One GGUF model, its vocabulary and a multi-sequence context."""
 
@@ -66,7 +74,7 @@ class LlamaRuntime:
         mparams.use_extra_bufts = config.repack
         self.model = llama_cpp.llama_model_load_from_file(str(config.model_path).encode(), mparams)
         if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {config.model_path}")
+            raise ModelLoadFailed(f"llama.cpp could not load {config.model_path}")
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = config.n_ctx
         cparams.n_batch = config.n_batch
@@ -82,7 +90,7 @@ class LlamaRuntime:
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
-            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+            raise ContextFailed(f"llama.cpp could not create a {config.n_ctx}-token context (out of memory?)")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
