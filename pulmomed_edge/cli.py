@@ -63,8 +63,19 @@ def _parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="build the knowledge index").add_subparsers()
     build = index.add_parser("build", help="embed the corpus (and lab documents) into the index")
     build.add_argument("--corpus", type=Path, default=CORPUS_DIR)
-    build.add_argument("--add", type=Path, action="append", default=[], help="a folder of .md/.txt documents")
-    build.add_argument("--if-stale", action="store_true", help="only when missing or out of date")
+    lab = build.add_mutually_exclusive_group()
+    lab.add_argument(
+        "--add",
+        type=Path,
+        action="append",
+        default=[],
+        help="a folder of the lab's .md/.txt documents (repeat for more); "
+        "recorded in the index and used again by a build without --add",
+    )
+    lab.add_argument(
+        "--no-lab-docs", action="store_true", help="build without the lab folders recorded in the index"
+    )
+    build.add_argument("--if-stale", action="store_true", help="only when missing, damaged or out of date")
     build.set_defaults(func=_index_build)
 
     search = sub.add_parser("search", help="search the knowledge base as the teacher does")
@@ -194,24 +205,110 @@ def _encoder(settings: Settings):
 
 
 def _index_build(args: argparse.Namespace) -> int:
-    from .corpus import chunk_documents, load_corpus
-    from .index import KnowledgeIndex, index_is_stale
+    from .corpus import load_corpus, read_lab_folders
+    from .errors import CorpusError
+    from .index import KnowledgeIndex, damage, stale_reason
 
     settings = Settings.from_env()
     passages = load_corpus(args.corpus)
-    for folder in args.add:
-        passages += chunk_documents(folder)
+    try:
+        folders, dropped = _lab_folders_to_index(args, settings.index_dir)
+    except CorpusError as exc:
+        # before class (`make run`), a lab folder on a stick that is not plugged in must not stop
+        # the teacher: the current index still holds its documents
+        if not args.if_stale or damage(settings.index_dir) is not None:
+            raise
+        _warn(
+            f"{exc.message}; keeping the current index, which still holds its documents",
+            f"{exc.mensaje}; se mantiene el índice actual, que aún los contiene",
+        )
+        return 0
+    labs = read_lab_folders(folders, taken_ids={p.id for p in passages})
+    _report_lab_folders(labs)
+    if dropped:
+        print(f"lab documents: no longer in the index: {', '.join(map(str, dropped))}")
+    lab_documents = [str(lab.path) for lab in labs]
+    passages += [p for lab in labs for p in lab.passages]
     encoder, sha = _encoder(settings)
     try:
-        if args.if_stale and not index_is_stale(settings.index_dir, passages, sha):
-            print(f"index up to date: {settings.index_dir}")
-            return 0
-        index = KnowledgeIndex.build(passages, encoder, settings.index_dir, encoder_sha256=sha)
+        if args.if_stale:
+            reason = stale_reason(settings.index_dir, passages, sha, lab_documents)
+            if reason is None:
+                print(f"index up to date: {settings.index_dir}")
+                return 0
+            print(f"rebuilding the index ({reason})")
+        index = KnowledgeIndex.build(
+            passages, encoder, settings.index_dir, encoder_sha256=sha, lab_documents=lab_documents
+        )
         print(f"built {settings.index_dir}: {len(index)} passages, id {index.index_id}")
         index.close()
     finally:
         encoder.close()
     return 0
+
+
+def _lab_folders_to_index(args: argparse.Namespace, index_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(folders to index, recorded folders left out): --add's folders, --no-lab-docs' none, or else
+    the folders the current index recorded, so a build without --add (`make run`) keeps them."""
+    from .errors import CorpusError, KnowledgeIndexError
+    from .index import recorded_lab_documents
+
+    try:
+        recorded = [Path(folder) for folder in recorded_lab_documents(index_dir)]
+    except KnowledgeIndexError as exc:
+        _warn(
+            f"{exc.message}: the lab folders it recorded, if any, are unknown; give them again with --add",
+            f"{exc.mensaje}: no se sabe qué carpetas del laboratorio tenía; vuelva a darlas con --add",
+        )
+        recorded = []
+    if args.no_lab_docs:
+        return [], recorded
+    if args.add:
+        chosen = {folder.expanduser().resolve() for folder in args.add}
+        return list(args.add), [folder for folder in recorded if folder not in chosen]
+    if not recorded:
+        return [], []
+    print(
+        "lab documents: reusing the folders recorded in the index "
+        "(--add DIR to choose others, --no-lab-docs to build without them)"
+    )
+    missing = [folder for folder in recorded if not folder.is_dir()]
+    if missing:
+        names = ", ".join(map(str, missing))
+        raise CorpusError(
+            f"La carpeta de documentos del laboratorio registrada en el índice ya no existe: {names}",
+            f"the lab documents folder recorded in the index no longer exists: {names}",
+            "give the lab folders again (pulmomed-edge index build --add DIR), "
+            "or build without them: pulmomed-edge index build --no-lab-docs",
+        )
+    return recorded, []
+
+
+def _report_lab_folders(labs) -> None:
+    """How many documents and passages each folder gave, and what was read or left out unexpectedly."""
+    for lab in labs:
+        print(f"lab documents: {lab.path}: {len(lab.documents)} documents, {len(lab.passages)} passages")
+        for doc in lab.documents:
+            if doc.encoding != "utf-8":
+                print(f"  {doc.path.name}: not UTF-8, read as {_ENCODING_NAMES[doc.encoding]}")
+            if doc.renamed:
+                print(f"  {doc.path.name}: ids doc-{doc.slug}-N (its name's ids were taken)")
+        skipped = f" (skipped: {', '.join(lab.skipped)})" if lab.skipped else ""
+        omitidos = f" (omitidos: {', '.join(lab.skipped)})" if lab.skipped else ""
+        if not lab.passages:
+            _warn(
+                f"{lab.path}: no .md/.txt documents with text in this folder{skipped}; nothing added",
+                f"{lab.path}: ningún documento .md/.txt con texto{omitidos}; no se añade nada",
+            )
+        elif lab.skipped:
+            print(f"  not read (only .md/.txt files directly in the folder are): {', '.join(lab.skipped)}")
+
+
+_ENCODING_NAMES = {"cp1252": "Windows-1252 (Latin-1)", "utf-16": "UTF-16"}
+
+
+def _warn(message: str, mensaje: str) -> None:
+    print(f"warning: {message}\n  aviso: {mensaje}", file=sys.stderr)
 
 
 def _open_retriever(settings: Settings):

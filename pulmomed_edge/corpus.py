@@ -3,11 +3,13 @@
 A passage is the unit the index embeds and the teacher cites. The curated corpus lives in
 `knowledge/corpus/*.jsonl` (one JSON object per line); a lab may add its own `.md`/`.txt`
 documents, which are split into overlapping chunks of about 150 words, each citing the source
-named on the document's first line (`Fuente: …`).
+named on the document's first line (`Fuente: …`). Lab documents may be UTF-8 or Windows-1252, and
+their passage ids are unique across every folder added.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
@@ -22,6 +24,7 @@ OVERLAP_WORDS = 30
 _FIELDS = ("id", "titulo", "fuente", "temas", "texto")
 _SOURCE_LINE = re.compile(r"^\s*fuente\s*:\s*(.+?)\s*$", re.IGNORECASE)
 _HEADING = re.compile(r"^\s*#{1,6}\s+(.+?)\s*#*\s*$")
+DOCUMENT_SUFFIXES = (".md", ".txt")
 
 
 @dataclass(frozen=True)
@@ -156,9 +159,35 @@ def _chunk_words(paragraphs: list[list[str]]) -> list[list[str]]:
     return chunks
 
 
-def _read_document(path: Path) -> tuple[str, str, str]:
-    """Return (fuente, titulo, body) of one lab document."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+def _decode(path: Path) -> tuple[str, str]:
+    """The document's text and the encoding it was read in ("utf-8", "utf-16" or "cp1252")."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CorpusError(
+            f"{path}: no se puede leer ({exc.strerror})",
+            f"{path}: cannot be read ({exc.strerror})",
+            f"check the permissions of {path}",
+        ) from exc
+    # Notepad's "Unicode" is UTF-16 with a BOM; Word and Notepad on a Spanish Windows save "ANSI",
+    # Windows-1252 (Latin-1's letters and more), which a non-UTF-8 file is tried as, and said so.
+    utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    for encoding in ("utf-16",) if utf16 else ("utf-8-sig", "cp1252"):
+        try:
+            return raw.decode(encoding), encoding.removesuffix("-sig")
+        except UnicodeDecodeError:
+            continue
+    raise CorpusError(
+        f"{path.name}: no es texto UTF-8, UTF-16 ni Windows-1252",
+        f"{path.name}: is neither UTF-8, UTF-16 nor Windows-1252 text",
+        f"save {path} as UTF-8 text",
+    )
+
+
+def _read_document(path: Path) -> tuple[str, str, str, str]:
+    """Return (fuente, titulo, body, encoding) of one lab document."""
+    text, encoding = _decode(path)
+    lines = text.splitlines()
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     match = _SOURCE_LINE.match(lines[first]) if first is not None else None
     if match is None:
@@ -177,30 +206,128 @@ def _read_document(path: Path) -> tuple[str, str, str]:
             break
         if line.strip():
             break  # the title heading, if any, must come before the text
-    return match.group(1), titulo, "\n".join(body_lines)
+    return match.group(1), titulo, "\n".join(body_lines), encoding
+
+
+@dataclass(frozen=True)
+class LabDocument:
+    """One lab document as indexed: its passages' ids are `doc-<slug>-<n>`."""
+
+    path: Path
+    slug: str
+    encoding: str  # "utf-8", "cp1252" or "utf-16"
+    passages: tuple[Passage, ...]
+
+    @property
+    def renamed(self) -> bool:
+        """True when its natural slug was taken by an earlier document (or a corpus id)."""
+        return self.slug != slugify(self.path.stem)
+
+
+@dataclass(frozen=True)
+class LabFolder:
+    """A folder of lab documents, as read: what was indexed and what was left out."""
+
+    path: Path  # absolute
+    documents: tuple[LabDocument, ...]
+    skipped: tuple[str, ...]  # what was not read, e.g. ("2 .pdf", "1 subfolder")
+
+    @property
+    def passages(self) -> list[Passage]:
+        return [p for doc in self.documents for p in doc.passages]
+
+
+def _lab_folder_path(folder: str | Path) -> Path:
+    path = Path(folder).expanduser().resolve()
+    if not path.exists():
+        raise CorpusError(
+            f"La carpeta de documentos del laboratorio no existe: {path}",
+            f"the lab documents folder does not exist: {path}",
+            "check the folder given to --add",
+        )
+    if not path.is_dir():
+        raise CorpusError(
+            f"{path} es un archivo, no una carpeta",
+            f"{path} is a file, not a folder",
+            f"give --add the folder that holds the .md/.txt documents (e.g. --add {path.parent})",
+        )
+    return path
+
+
+def _skipped_summary(paths: list[Path]) -> tuple[str, ...]:
+    kinds: dict[str, int] = {}
+    for path in paths:
+        if path.name.startswith("."):
+            kind = "hidden file"
+        elif path.is_dir():
+            kind = "subfolder"
+        else:
+            kind = path.suffix.lower() or "file without extension"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return tuple(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+
+
+def _free_slug(path: Path, chunks: int, taken_ids: set[str]) -> str:
+    """The first of slug(stem), slug(name), slug(folder-stem), slug(stem)-2, -3 … whose ids are all free."""
+    stem = slugify(path.stem)
+    candidates = [stem, slugify(path.name), slugify(f"{path.parent.name}-{path.stem}")]
+    n = 2
+    while True:
+        for slug in candidates:
+            if not any(f"doc-{slug}-{i}" in taken_ids for i in range(1, chunks + 1)):
+                return slug
+        candidates = [f"{stem}-{n}"]
+        n += 1
+
+
+def _read_lab_document(path: Path, taken_ids: set[str]) -> LabDocument:
+    fuente, titulo, body, encoding = _read_document(path)
+    body = re.sub(r"^\s*#{1,6}\s+", "", body, flags=re.MULTILINE)  # keep sub-heading words, drop marks
+    chunks = _chunk_words(_paragraph_words(body))
+    slug = _free_slug(path, len(chunks), taken_ids)
+    passages = tuple(
+        Passage(
+            id=f"doc-{slug}-{n}", titulo=titulo, fuente=fuente, temas=("documento",), texto=" ".join(words)
+        )
+        for n, words in enumerate(chunks, start=1)
+    )
+    taken_ids.update(p.id for p in passages)
+    return LabDocument(path, slug, encoding, passages)
+
+
+def read_lab_folders(folders: list[str | Path], taken_ids: set[str] | None = None) -> list[LabFolder]:
+    """Chunk the .md/.txt documents of each folder (in order, files sorted by name) into passages.
+
+    Ids are unique across all folders and `taken_ids` (e.g. the corpus's): a document whose
+    `doc-<slug>-<n>` ids are taken gets the slug of its full name ('guia.txt' → `guia-txt`), then
+    of its folder and stem (`lab2-guia`), then `<slug>-2`, `-3` … The same folder given twice is
+    read once.
+    """
+    taken = set(taken_ids or ())
+    result: list[LabFolder] = []
+    for folder in folders:
+        path = _lab_folder_path(folder)
+        if any(done.path == path for done in result):
+            continue
+        try:
+            entries = sorted(path.iterdir())
+        except OSError as exc:
+            raise CorpusError(
+                f"{path}: no se puede leer la carpeta ({exc.strerror})",
+                f"{path}: cannot list the folder ({exc.strerror})",
+                f"check the permissions of {path}",
+            ) from exc
+        # hidden files are skipped: macOS leaves '._guia.md' beside 'guia.md' on a USB stick
+        readable = [
+            p
+            for p in entries
+            if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES and not p.name.startswith(".")
+        ]
+        documents = tuple(_read_lab_document(doc, taken) for doc in readable)
+        result.append(LabFolder(path, documents, _skipped_summary([p for p in entries if p not in readable])))
+    return result
 
 
 def chunk_documents(docs_dir: str | Path) -> list[Passage]:
     """Split every .md/.txt document in `docs_dir` into passages with ids `doc-<slug>-<n>`."""
-    docs_dir = Path(docs_dir)
-    paths = sorted(p for p in docs_dir.iterdir() if p.is_file() and p.suffix.lower() in {".md", ".txt"})
-    passages: list[Passage] = []
-    slugs: set[str] = set()
-    for path in paths:
-        fuente, titulo, body = _read_document(path)
-        body = re.sub(r"^\s*#{1,6}\s+", "", body, flags=re.MULTILINE)  # keep sub-heading words, drop marks
-        slug = slugify(path.stem)
-        if slug in slugs:  # 'guia.md' and 'guia.txt' must not share ids
-            slug = slugify(path.name)
-        slugs.add(slug)
-        for n, words in enumerate(_chunk_words(_paragraph_words(body)), start=1):
-            passages.append(
-                Passage(
-                    id=f"doc-{slug}-{n}",
-                    titulo=titulo,
-                    fuente=fuente,
-                    temas=("documento",),
-                    texto=" ".join(words),
-                )
-            )
-    return passages
+    return read_lab_folders([docs_dir])[0].passages

@@ -2,8 +2,9 @@
 
 An index directory holds three files written together: `index.bin` (the hnswlib graph),
 `passages.jsonl` (the exact passages indexed, in label order, so lab documents travel with it) and
-`manifest.json` (which encoder, which corpus, which build parameters). A build writes a sibling
-temporary directory and renames it into place, so a reader never sees half an index. Loading
+`manifest.json` (which encoder, which corpus, which lab folders, which build parameters). A build
+claims a sibling temporary directory before embedding (an unwritable place fails at once), writes
+it and renames it into place, so a reader never sees half an index. Loading
 checks every file against the manifest and the running encoder; anything off raises
 `KnowledgeIndexError` whose fix is to rebuild.
 """
@@ -100,47 +101,44 @@ class KnowledgeIndex:
         ef_construction: int = 200,
         M: int = 16,  # hnswlib's own name for the graph degree
         batch_size: int = 32,
+        lab_documents: Sequence[str] = (),
     ) -> KnowledgeIndex:
-        """Embed `passages`, write a complete index into `out_dir` atomically, and return it loaded."""
+        """Embed `passages`, write a complete index into `out_dir` atomically, and return it loaded.
+
+        `lab_documents` (absolute folder paths) is recorded in the manifest, so a later build
+        without `--add` can include the same folders again.
+        """
         import hnswlib
 
         passages = list(passages)
         if not passages:
             raise _broken("No hay pasajes que indexar", "no passages to index")
+        _check_unique_ids(passages)
         out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        vectors = _embed(passages, encoder, batch_size, progress)
-
-        hnsw = hnswlib.Index(space="cosine", dim=encoder.dim)
-        hnsw.init_index(max_elements=len(passages), ef_construction=ef_construction, M=M, random_seed=100)
-        hnsw.add_items(vectors, np.arange(len(passages)), num_threads=1)  # one thread: same graph every build
-        hnsw.set_ef(_EF_SEARCH)
-
-        params = {"space": "cosine", "ef_construction": ef_construction, "M": M, "ef_search": _EF_SEARCH}
-        corpus_sha = corpus_hash(passages)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "index_id": make_index_id(corpus_sha, encoder_sha256, params),
-            "encoder_sha256": encoder_sha256,
-            "dim": encoder.dim,
-            "passage_count": len(passages),
-            "corpus_hash": corpus_sha,
-            "params": params,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        # A sibling temp dir is on the same filesystem, so the final rename is atomic.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+        # Claim the temp dir before embedding: an unwritable place fails at once, not after minutes.
+        tmp = _make_build_dir(out_dir)
         try:
-            hnsw.save_index(str(tmp / INDEX_FILE))
-            with open(tmp / PASSAGES_FILE, "w", encoding="utf-8") as fh:
-                for passage in passages:
-                    fh.write(json.dumps(passage.to_dict(), ensure_ascii=False) + "\n")
-            # Checksums let load() reject a damaged file before hnswlib's C++ reader sees it.
-            manifest["files_sha256"] = {
-                name: _file_sha256(tmp / name) for name in (INDEX_FILE, PASSAGES_FILE)
+            vectors = _embed(passages, encoder, batch_size, progress)
+            hnsw = hnswlib.Index(space="cosine", dim=encoder.dim)
+            hnsw.init_index(max_elements=len(passages), ef_construction=ef_construction, M=M, random_seed=100)
+            # one thread: the same graph every build
+            hnsw.add_items(vectors, np.arange(len(passages)), num_threads=1)
+            hnsw.set_ef(_EF_SEARCH)
+
+            params = {"space": "cosine", "ef_construction": ef_construction, "M": M, "ef_search": _EF_SEARCH}
+            corpus_sha = corpus_hash(passages)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "index_id": make_index_id(corpus_sha, encoder_sha256, params),
+                "encoder_sha256": encoder_sha256,
+                "dim": encoder.dim,
+                "passage_count": len(passages),
+                "corpus_hash": corpus_sha,
+                "params": params,
+                "lab_documents": [str(folder) for folder in lab_documents],
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            _swap_into_place(tmp, out_dir)
+            _write_index(tmp, hnsw, passages, manifest, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -223,15 +221,98 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def index_is_stale(index_dir: str | Path, passages: Sequence[Passage], encoder_sha256: str) -> bool:
-    """True when the index is missing, unreadable, or built from other passages or another encoder."""
+def recorded_lab_documents(index_dir: str | Path) -> list[str]:
+    """The lab folders the index at `index_dir` was built with ([] when none or no index).
+
+    Read from the manifest alone, so a damaged index.bin or passages.jsonl still tells which
+    folders to rebuild it with; raises KnowledgeIndexError only when the manifest is unreadable.
+    """
+    path = Path(index_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return []
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _broken("El manifiesto del índice está dañado", f"{path} is not valid JSON: {exc}") from exc
+    folders = manifest.get("lab_documents", []) if isinstance(manifest, dict) else []
+    if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+        raise _broken("El manifiesto del índice está dañado", f"{path}: lab_documents is not a list of paths")
+    return folders
+
+
+def stale_reason(
+    index_dir: str | Path,
+    passages: Sequence[Passage],
+    encoder_sha256: str,
+    lab_documents: Sequence[str] | None = None,
+) -> str | None:
+    """Why the index must be rebuilt for these passages (and lab folders), or None when it is current."""
+    index_dir = Path(index_dir)
     try:
         manifest = read_manifest(index_dir)
-    except KnowledgeIndexError:
-        return True
-    return (
-        manifest["corpus_hash"] != corpus_hash(list(passages)) or manifest["encoder_sha256"] != encoder_sha256
+    except KnowledgeIndexError as exc:
+        return exc.message
+    if manifest["encoder_sha256"] != encoder_sha256:
+        return "built with another embedding model"
+    if manifest["corpus_hash"] != corpus_hash(list(passages)):
+        return "the corpus or the lab documents changed"
+    if lab_documents is not None and manifest.get("lab_documents", []) != list(lab_documents):
+        return "other lab folders"
+    return damage(index_dir)
+
+
+def damage(index_dir: str | Path) -> str | None:
+    """What is wrong with the index files themselves (unreadable manifest, a file missing or not
+    matching its checksum), or None when they are whole."""
+    index_dir = Path(index_dir)
+    try:
+        manifest = read_manifest(index_dir)
+    except KnowledgeIndexError as exc:
+        return exc.message
+    for name, expected_sha in manifest["files_sha256"].items():
+        path = index_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _file_sha256(path) != expected_sha:
+            return f"{name} is damaged: it does not match its checksum"
+    return None
+
+
+def index_is_stale(index_dir: str | Path, passages: Sequence[Passage], encoder_sha256: str) -> bool:
+    """True when the index is missing, damaged, or built from other passages or another encoder."""
+    return stale_reason(index_dir, passages, encoder_sha256) is not None
+
+
+def _check_unique_ids(passages: list[Passage]) -> None:
+    """The teacher dedups and keys its cache by passage id: two passages must never share one."""
+    seen: set[str] = set()
+    for passage in passages:
+        if passage.id in seen:
+            raise KnowledgeIndexError(
+                f"Id de pasaje duplicado: {passage.id}",
+                f"duplicate passage id {passage.id!r}",
+                "give every passage its own id (lab documents get unique ids from read_lab_folders)",
+            )
+        seen.add(passage.id)
+
+
+def _unwritable(out_dir: Path, exc: OSError) -> KnowledgeIndexError:
+    reason = exc.strerror or str(exc)
+    return KnowledgeIndexError(
+        f"No se puede escribir el índice en {out_dir} ({reason})",
+        f"cannot write the index at {out_dir}: {reason}",
+        f"make sure {out_dir.parent} is a folder you can write and the disk has free space, "
+        "or set PULMOMED_INDEX_DIR to another folder",
     )
+
+
+def _make_build_dir(out_dir: Path) -> Path:
+    """A temp dir beside `out_dir` (same filesystem, so the final rename is atomic)."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    except OSError as exc:
+        raise _unwritable(out_dir, exc) from exc
 
 
 def _embed(passages: list[Passage], encoder: EmbeddingEncoder, batch_size: int, progress: bool) -> np.ndarray:
@@ -273,6 +354,23 @@ def _read_passages(path: Path) -> list[Passage]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise _broken(f"{PASSAGES_FILE} está dañado", f"{path} is corrupt: {exc}") from exc
     return passages
+
+
+def _write_index(
+    tmp: Path, hnsw: Any, passages: list[Passage], manifest: dict[str, Any], out_dir: Path
+) -> None:
+    """Write the three files into `tmp`, then swap it into place as `out_dir`."""
+    try:
+        hnsw.save_index(str(tmp / INDEX_FILE))
+        with open(tmp / PASSAGES_FILE, "w", encoding="utf-8") as fh:
+            for passage in passages:
+                fh.write(json.dumps(passage.to_dict(), ensure_ascii=False) + "\n")
+        # Checksums let load() reject a damaged file before hnswlib's C++ reader sees it.
+        manifest["files_sha256"] = {name: _file_sha256(tmp / name) for name in (INDEX_FILE, PASSAGES_FILE)}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _swap_into_place(tmp, out_dir)
+    except OSError as exc:  # e.g. the disk filled up while writing
+        raise _unwritable(out_dir, exc) from exc
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
