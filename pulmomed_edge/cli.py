@@ -146,15 +146,28 @@ def _serve(args: argparse.Namespace) -> int:
         "Direcciones para los visores / headset addresses:",
         *[f"    {u}" for u in urls],
         f"Estado / status page: {urls[0]}/",
-        f"Registro / log: {log_path}",
+        f"Registro / log: {log_path or 'no disponible / unavailable (see the warning above)'}",
         "Ctrl+C para detener / to stop.",
     ]
-    print("\n".join(banner), file=sys.stderr, flush=True)
-    # a headset that disconnects cancels its handler at once, so its answer's slot is freed
-    # within a step (aiohttp's default lets the handler run until it next writes)
-    web.run_app(
-        app, host=settings.host, port=settings.port, print=None, access_log=None, handler_cancellation=True
-    )
+    try:
+        # the banner once the port is ours (run_app calls `print` then), never for a server that
+        # could not start; a headset that disconnects cancels its handler at once, so its
+        # answer's slot is freed within a step (aiohttp's default runs it until it next writes)
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            print=lambda _started: print("\n".join(banner), file=sys.stderr, flush=True),
+            access_log=None,
+            handler_cancellation=True,
+        )
+    except OSError as exc:  # the port is taken (another PulmoMed Edge?) or the address is not ours
+        raise PulmoMedError(
+            f"No se puede escuchar en {settings.host}:{settings.port}: {exc.strerror or exc}.",
+            f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}.",
+            "close the other program using that port (another PulmoMed Edge?), or start on another "
+            "port: PULMOMED_PORT=8001 (or --port 8001) — and point the headsets at it",
+        ) from None
     return 0
 
 
@@ -175,11 +188,21 @@ def _models_fetch(args: argparse.Namespace) -> int:
 
 
 def _models_verify(args: argparse.Namespace) -> int:
+    """Re-hash the named models, or the set's and every lab-added one; report each, then fail if
+    any did."""
     store = _store()
-    names = args.names or store.set_names("test" if args.test else "default")
+    names = args.names or [
+        *store.set_names("test" if args.test else "default"),
+        *(e.name for e in store.entries() if e.is_local),
+    ]
+    failed = 0
     for name in names:
-        print(f"ok  {name}  {store.verify(name, full=True, progress=True)}")
-    return 0
+        try:
+            print(f"ok  {name}  {store.verify(name, full=True, progress=True)}")
+        except PulmoMedError as exc:
+            failed += 1
+            print(f"FAILED  {name}: {exc.message}\n  {exc.mensaje}\n  fix / solución: {exc.fix}")
+    return 1 if failed else 0
 
 
 def _models_add(args: argparse.Namespace) -> int:

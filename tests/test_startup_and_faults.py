@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -160,3 +161,25 @@ async def test_a_model_that_is_not_an_llm_or_does_not_load_is_named_with_its_fix
         llm = report["components"]["llm"]
         assert llm["status"] == "failed" and "incompleto" in llm["error"] and "incomplete" in llm["error"]
         assert "models add" in llm["fix"]
+
+
+def test_serve_on_a_port_in_use_says_so_and_prints_no_addresses(settings, tmp_path):
+    """A second PulmoMed Edge (or any program) on the port: one clear message and its fix; the
+    banner with the headsets' addresses used to be printed first, as if it had started."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(
+            os.environ,
+            PULMOMED_MODELS_DIR=str(settings.models_dir),
+            PULMOMED_INDEX_DIR=str(settings.index_dir),
+            PULMOMED_LOG_DIR=str(tmp_path),
+        )
+        cmd = [sys.executable, "-m", "pulmomed_edge", "serve", "--test-models", "--host", "127.0.0.1"]
+        proc = subprocess.run(
+            [*cmd, "--port", str(port)], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert proc.returncode == 1
+    assert "PULMOMED_PORT" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Direcciones" not in proc.stderr
