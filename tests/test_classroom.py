@@ -206,7 +206,8 @@ async def test_a_joiner_sees_a_sentence_written_while_it_receives_meta_once(serv
     writes its next sentence. It reaches them once: it used to come both from the replay of what
     was written and from their queue. The generation is driven by hand to hit that moment."""
     teacher = served.state.teacher
-    state = parse_state({**seed, "age": 29, "sensitive_tumor_volume": 61.7}, teacher.library.ids)
+    body = {**seed, "age": 29, "sensitive_tumor_volume": 61.7, "lung_state": "en_riesgo"}  # asked nowhere else
+    state = parse_state(body, teacher.library.ids)
     prepared = await asyncio.to_thread(teacher.prepare, state)
     assert teacher.cache.get(prepared.key) is None
     flight = Flight(prepared, result=asyncio.get_running_loop().create_future(), created=time.monotonic())
@@ -245,7 +246,8 @@ async def test_a_student_who_asks_again_after_leaving_gets_a_new_answer(served, 
     """A headset that drops its request and asks again at once (a retry) starts a new answer:
     it used to join the generation its first request had just cancelled, and got its fallback."""
     teacher = served.state.teacher
-    state = parse_state({**seed, "age": 47, "sensitive_tumor_volume": 33.3}, teacher.library.ids)
+    body = {**seed, "age": 19, "sensitive_tumor_volume": 33.3, "lung_state": "estable"}  # asked nowhere else
+    state = parse_state(body, teacher.library.ids)
     events = teacher.stream(state)
     assert (await anext(events))[0] == "meta"
     key = teacher.prepared_if_known(state).key
@@ -279,13 +281,16 @@ async def test_a_failure_while_streaming_cancels_the_task_and_keeps_what_was_sho
     monkeypatch.setattr(teacher_module, "SentenceGate", FailingGate)
     await wait_idle(engine)
     cancelled = engine.counters["cancelled"]
-    state = parse_state({**seed, "age": 57, "sensitive_tumor_volume": 12.5}, teacher.library.ids)
+    # a state no other test asks (the seed's age band would find its answer in the cache)
+    body = {**seed, "age": 18, "sensitive_tumor_volume": 70.0, "lung_state": "progresando"}
+    state = parse_state(body, teacher.library.ids)
     shown = ""
     async for kind, data in teacher.stream(state):
         if kind == "delta":
             shown += data["texto"]
         elif kind == "done":
             final = data
+    assert final.cache == "miss"
     assert shown, "the fault came before any sentence was shown"
     assert final.llm_model == "fallback-error" and final.explicacion == shown.strip()
     await wait_idle(engine)
