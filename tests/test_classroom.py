@@ -206,7 +206,8 @@ async def test_a_joiner_sees_a_sentence_written_while_it_receives_meta_once(serv
     writes its next sentence. It reaches them once: it used to come both from the replay of what
     was written and from their queue. The generation is driven by hand to hit that moment."""
     teacher = served.state.teacher
-    body = {**seed, "age": 29, "sensitive_tumor_volume": 61.7, "lung_state": "en_riesgo"}  # asked nowhere else
+    # a state no other test asks
+    body = {**seed, "age": 29, "sensitive_tumor_volume": 61.7, "lung_state": "en_riesgo"}
     state = parse_state(body, teacher.library.ids)
     prepared = await asyncio.to_thread(teacher.prepare, state)
     assert teacher.cache.get(prepared.key) is None
