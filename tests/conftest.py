@@ -143,5 +143,17 @@ def seed() -> dict:
     return dict(SEED)
 
 
+def cli_env(settings: Settings, tmp_path: Path, **variables: str) -> dict[str, str]:
+    """The environment for running the CLI in its own process on the test models and index."""
+    return dict(
+        os.environ,
+        PULMOMED_MODELS_DIR=str(settings.models_dir),
+        PULMOMED_INDEX_DIR=str(settings.index_dir),
+        PULMOMED_LOG_DIR=str(tmp_path / "logs"),
+        PULMOMED_THREADS="1",
+        **variables,
+    )
+
+
 def with_settings(settings: Settings, **changes: object) -> Settings:
     return replace(settings, **changes)

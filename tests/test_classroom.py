@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 
-from conftest import health, own_server, with_settings
+from conftest import cli_env, health, own_server, with_settings
 
 from pulmomed_edge import teacher as teacher_module
 from pulmomed_edge.config import manifest_path
@@ -717,13 +716,7 @@ async def test_rate_limit_per_headset_is_429_with_retry_after(served, seed):
 def _bench(settings, tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     """`pulmomed-edge bench` with the test models and index, in its own process."""
     out = tmp_path / "bench.json"
-    env = dict(
-        os.environ,
-        PULMOMED_MODELS_DIR=str(settings.models_dir),
-        PULMOMED_INDEX_DIR=str(settings.index_dir),
-        PULMOMED_LOG_DIR=str(tmp_path / "logs"),
-        PULMOMED_THREADS="1",
-    )
+    env = cli_env(settings, tmp_path)
     cmd = [sys.executable, "-m", "pulmomed_edge", "bench", "--test-models", *args, "--json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

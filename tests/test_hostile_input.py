@@ -11,13 +11,13 @@ import contextlib
 import json
 import logging
 import math
-import os
 import socket
 import subprocess
 import sys
 
 import aiohttp
 import pytest
+from conftest import cli_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_api import API, post
@@ -238,15 +238,7 @@ async def test_the_served_process_frees_the_slot_of_a_headset_that_disconnects(s
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(
-        os.environ,
-        PULMOMED_MODELS_DIR=str(settings.models_dir),
-        PULMOMED_INDEX_DIR=str(settings.index_dir),
-        PULMOMED_LOG_DIR=str(tmp_path / "logs"),
-        PULMOMED_THREADS="1",
-        PULMOMED_BUDGET_S="120",
-        PULMOMED_BACKFILL="0",
-    )
+    env = cli_env(settings, tmp_path, PULMOMED_BUDGET_S="120", PULMOMED_BACKFILL="0")
     cmd = [sys.executable, "-m", "pulmomed_edge", "serve", "--test-models", "--host", "127.0.0.1"]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

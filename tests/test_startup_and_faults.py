@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import SEED, health, own_server, wait_ready
+from conftest import SEED, cli_env, health, own_server, wait_ready
 
 from pulmomed_edge.config import Settings
 from pulmomed_edge.errors import SettingsError
@@ -170,12 +170,7 @@ def test_serve_on_a_port_in_use_says_so_and_prints_no_addresses(settings, tmp_pa
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = dict(
-            os.environ,
-            PULMOMED_MODELS_DIR=str(settings.models_dir),
-            PULMOMED_INDEX_DIR=str(settings.index_dir),
-            PULMOMED_LOG_DIR=str(tmp_path),
-        )
+        env = cli_env(settings, tmp_path)
         cmd = [sys.executable, "-m", "pulmomed_edge", "serve", "--test-models", "--host", "127.0.0.1"]
         proc = subprocess.run(
             [*cmd, "--port", str(port)], env=env, capture_output=True, text=True, timeout=300
