@@ -127,7 +127,8 @@ def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from .app import create_app
-    from .network import teacher_urls
+    from .http.status_page import LOOPBACK_WARNING, NO_NETWORK
+    from .network import is_loopback_host, teacher_urls
 
     settings = Settings.from_env(
         host=args.host,
@@ -141,11 +142,17 @@ def _serve(args: argparse.Namespace) -> int:
     log_path = setup_logging(settings)
     app = create_app(settings)
     urls = teacher_urls(settings.host, settings.port)
+    # the teacher opens the status page on this laptop; headsets need a LAN address
+    local = urls[0] if settings.host not in ("0.0.0.0", "", "::") else f"http://127.0.0.1:{settings.port}"
+    if is_loopback_host(settings.host):
+        headsets = [f"    {LOOPBACK_WARNING}"]
+    else:
+        headsets = [f"    {u}" for u in urls] or [f"    {NO_NETWORK}"]
     banner = [
         "PulmoMed Edge — profesor virtual / AI teacher",
         "Direcciones para los visores / headset addresses:",
-        *[f"    {u}" for u in urls],
-        f"Estado / status page: {urls[0]}/",
+        *headsets,
+        f"Estado / status page: {local}/",
         f"Registro / log: {log_path or 'no disponible / unavailable (see the warning above)'}",
         "Ctrl+C para detener / to stop.",
     ]

@@ -277,5 +277,8 @@ async def search(request: web.Request) -> web.Response:
 
 async def status_page(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    html = render_status_page(health_body(state), state.settings.port)
+    # the port this request came in on: the one headsets use (the setting may be 0, "any free")
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if sockname else state.settings.port
+    html = render_status_page(health_body(state), state.settings.host, port)
     return web.Response(text=html, content_type="text/html", charset="utf-8")

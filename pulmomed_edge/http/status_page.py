@@ -6,13 +6,29 @@ import html
 from typing import Any
 
 from ..activity import CACHE, MODEL
-from ..network import teacher_urls
+from ..network import is_loopback_host, teacher_urls
 
 _LABELS = {
     "healthy": ("Listo para la clase", "#1b7f3b"),
     "starting": ("Iniciando… (cargando modelos)", "#b26a00"),
     "degraded": ("Con problemas: revisa los componentes", "#b00020"),
 }
+# what "degraded" means for the class: without the index no headset gets an answer; without the
+# language model they get summaries of the sources
+_NO_ANSWERS = "Los visores NO recibirán respuestas hasta resolver el problema de abajo."
+_SUMMARIES_ONLY = "Los visores reciben respuestas resumidas de las fuentes, sin el modelo de lenguaje."
+_STATES = {
+    "ready": "Listo",
+    "loading": "Cargando…",
+    "failed": "Falla",
+    "stalled": "Atascado",
+    "pending": "Pendiente",
+}
+LOOPBACK_WARNING = (
+    "Solo escucha en este portátil: los visores no pueden conectarse. Arranca con "
+    "--host 0.0.0.0 (o PULMOMED_HOST=0.0.0.0)."
+)
+NO_NETWORK = "No se detecta ninguna red local: conecta el portátil a la red del aula."
 _COMPONENT_NAMES = {
     "llm": "Modelo de lenguaje",
     "embeddings": "Modelo de embeddings",
@@ -21,36 +37,46 @@ _COMPONENT_NAMES = {
 }
 
 
-def render_status_page(health: dict[str, Any], port: int) -> str:
+def render_status_page(health: dict[str, Any], host: str, port: int) -> str:
+    """The page for a server bound to `host`:`port` (the port it really listens on)."""
     label, colour = _LABELS.get(health["status"], (health["status"], "#555"))
-    urls = [u for u in teacher_urls("0.0.0.0", port) if not u.startswith("http://127.")]
+    components = health["components"]
+    meaning = ""
+    if health["status"] == "degraded":
+        blocked = any(components.get(k, {}).get("status") == "failed" for k in ("index", "embeddings"))
+        meaning = f"<p><strong>{html.escape(_NO_ANSWERS if blocked else _SUMMARIES_ONLY)}</strong></p>"
     rows = []
-    for key, comp in health["components"].items():
+    for key, comp in components.items():
         status = comp.get("status", "?")
-        extra = comp.get("model") or comp.get("passages") or comp.get("entries", "")
         problem = comp.get("error", "")
         fix = comp.get("fix", "")
         rows.append(
-            f"<tr><td>{html.escape(_COMPONENT_NAMES.get(key, key))}</td><td>{html.escape(status)}</td>"
-            f"<td>{html.escape(str(extra))}</td><td>{html.escape(problem)}"
-            f"{'<br><code>' + html.escape(fix) + '</code>' if fix else ''}</td></tr>"
+            f"<tr><td>{html.escape(_COMPONENT_NAMES.get(key, key))}</td>"
+            f"<td>{html.escape(_STATES.get(status, status))}</td>"
+            f"<td>{html.escape(_detail(key, comp))}</td><td>{html.escape(problem)}"
+            f"{'<br>Solución: <code>' + html.escape(fix) + '</code>' if fix else ''}</td></tr>"
         )
-    url_items = "".join(f"<li><code>{html.escape(u)}</code></li>" for u in urls) or (
-        "<li>No se detecta ninguna red local: conecta el portátil a la red del aula.</li>"
-    )
+    if is_loopback_host(host):
+        url_items = f"<li><strong>{html.escape(LOOPBACK_WARNING)}</strong></li>"
+    else:
+        urls = teacher_urls(host, port)
+        url_items = "".join(f"<li><code>{html.escape(u)}</code></li>" for u in urls)
+        url_items = url_items or f"<li>{html.escape(NO_NETWORK)}</li>"
     seconds = 3 if health["status"] == "starting" else 30
     refresh = f'<meta http-equiv="refresh" content="{seconds}">'
     activity = _activity_section(health.get("activity"))
     return f"""<!doctype html>
 <html lang="es"><head><meta charset="utf-8">{refresh}
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>PulmoMed Edge — estado</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem}}
+code{{overflow-wrap:anywhere}}
 .badge{{display:inline-block;padding:.4rem .9rem;border-radius:.4rem;color:#fff;background:{colour}}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}}</style>
 </head><body>
 <h1>PulmoMed Edge <small>v{html.escape(health["version"])}</small></h1>
 <p class="badge">{html.escape(label)}</p>
-<h2>Dirección para los visores</h2>
+{meaning}<h2>Dirección para los visores</h2>
 <p>En la app de PulmoMed de cada visor, usa una de estas direcciones:</p>
 <ul>{url_items}</ul>
 <h2>Componentes</h2>
@@ -58,6 +84,14 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .6re
 {"".join(rows)}</table>
 {activity}
 </body></html>"""
+
+
+def _detail(key: str, comp: dict[str, Any]) -> str:
+    if key == "index" and "passages" in comp:
+        return f"{comp['passages']} pasajes"
+    if key == "cache" and "entries" in comp:
+        return f"{comp['entries']} respuestas guardadas"
+    return str(comp.get("model", ""))
 
 
 # when this share of recent answers are summaries because the laptop was busy, say so
