@@ -13,21 +13,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
 import random
 import re
-import socket
+import signal
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .bench_args import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_SLOTS,
+    BenchUsageError,
+    check_args,
+    parse_mix,
+)
+from .bench_server import (
+    HEALTH,
+    NotPulmoMedServer,
+    RssSampler,
+    free_port,
+    get_json,
+    spawn_server,
+    wait_healthy,
+)
 from .config import Settings
 
 API = "/api/v1/consultar_profesor"
@@ -39,11 +55,15 @@ TRAILING_CITATION = re.compile(r"\s*\[\d+\]$")
 
 def add_bench_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="simulate a classroom of headsets against a server")
-    b.add_argument("--url", default="", help="a running server on loopback (default: spawn one)")
-    b.add_argument("--spawn", action="store_true", help="start our own server for the run")
+    b.add_argument(
+        "--url", default="", help="a running server on loopback, http://HOST:PORT (default: spawn one)"
+    )
+    b.add_argument("--spawn", action="store_true", help="start our own server for the run (the default)")
     b.add_argument("--model", default="", help="model store name for --spawn/--baseline/--ceiling")
     b.add_argument("--test-models", action="store_true", help="use the small test models")
-    b.add_argument("--slots", type=int, default=8)
+    b.add_argument(
+        "--slots", type=int, default=None, help=f"spawned server's slots (default {DEFAULT_SLOTS})"
+    )
     b.add_argument("--headsets", type=int, default=16)
     b.add_argument("--requests", type=int, default=2, help="requests per headset")
     b.add_argument(
@@ -51,8 +71,14 @@ def add_bench_parser(sub: Any) -> None:
     )
     b.add_argument("--mix", default="libre:0.7,biblioteca:0.3")
     b.add_argument("--stream", action="store_true", help="use the streaming endpoint (true TTFT)")
-    b.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer")
-    b.add_argument("--budget", type=float, default=0.0, help="spawned server's budget (s); 0 = default")
+    b.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help=f"new tokens per answer (default {DEFAULT_MAX_TOKENS}): the spawned server's, the baseline's "
+        "and the ceiling's",
+    )
+    b.add_argument("--budget", type=float, default=None, help="spawned server's budget (s); 0 = default")
     b.add_argument("--duration", type=float, default=0.0, help="seconds; headsets keep asking until then")
     b.add_argument(
         "--repeat-after",
@@ -100,7 +126,7 @@ def plan_requests(headsets: int, per_headset: int, mix: str, seed: int, identica
     from .cases import CaseLibrary
 
     rng = random.Random(seed)
-    weights = {k: float(v) for k, v in (part.split(":") for part in mix.split(","))}
+    weights = parse_mix(mix)
     cases = CaseLibrary.load().all()
     combos = [
         (age, smoke, vol, treat)
@@ -237,12 +263,25 @@ async def _exchange(
         return Outcome(headset, 0, time.perf_counter() - started, None, error=f"{type(exc).__name__}: {exc}")
 
 
+def source_address(headset: int) -> str:
+    """Headset i's own IPv4 loopback address: 127.0.0.2, 127.0.0.3 … one per headset, never .0/.255."""
+    n = headset + 1  # n = 0 would be 127.0.0.1, left to everything else
+    return f"127.{n // (254 * 256)}.{n // 254 % 256}.{n % 254 + 1}"
+
+
+def _refused(outcome: Outcome) -> bool:
+    """Nothing answered at the server's address any more (it stopped)."""
+    return outcome.status == 0 and outcome.error.startswith("ClientConnectorError")
+
+
 async def _headset(
     i: int, base: str, plan: list[dict], args: argparse.Namespace, t_end: float
 ) -> list[Outcome]:
     import aiohttp
 
-    local = None if args.no_source_ips else (f"127.0.{(i + 2) // 254}.{(i + 2) % 254 or 1}", 0)
+    # IPv6 loopback has the one address ::1, so over it all headsets share their source address
+    ipv6 = ":" in (urlparse(base).hostname or "")
+    local = None if args.no_source_ips or ipv6 else (source_address(i), 0)
     connector = aiohttp.TCPConnector(local_addr=local, force_close=False)
     rng = random.Random(args.seed * 1000 + i)
     out: list[Outcome] = []
@@ -259,6 +298,8 @@ async def _headset(
                 break
             out.append(await _ask(session, base, plan[k % len(plan)], args.stream, i))
             k += 1
+            if _refused(out[-1]):
+                return out  # the server stopped: one error says so, not one per planned request
             if not args.duration and k >= len(plan):
                 break
         if args.repeat_after > 0 and not args.duration:
@@ -276,7 +317,9 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 3)
 
 
-def summarize(outcomes: list[Outcome], wall_s: float, new_tokens: int, generations: int) -> dict[str, Any]:
+def summarize(
+    outcomes: list[Outcome], wall_s: float, new_tokens: int | None, generations: int | None
+) -> dict[str, Any]:
     ok = [o for o in outcomes if o.status == 200 and not o.error]
     e2e = [o.e2e_s for o in ok]
     ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
@@ -300,7 +343,7 @@ def summarize(outcomes: list[Outcome], wall_s: float, new_tokens: int, generatio
         "generations": generations,
         "new_tokens": new_tokens,
         "wall_s": round(wall_s, 2),
-        "tok_per_s": round(new_tokens / wall_s, 2) if wall_s > 0 else None,
+        "tok_per_s": round(new_tokens / wall_s, 2) if wall_s > 0 and new_tokens is not None else None,
         "ttft_s": {"p50": _pct(ttft, 50), "p95": _pct(ttft, 95), "p99": _pct(ttft, 99)},
         "cache_hit_e2e_ms": {
             q: (None if v is None else round(v * 1000, 2))
@@ -310,109 +353,33 @@ def summarize(outcomes: list[Outcome], wall_s: float, new_tokens: int, generatio
     }
 
 
-# --- servers -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _check_loopback(url: str) -> str:
-    host = urlparse(url).hostname or ""
-    try:
-        loop = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        loop = False
-    if not loop:
-        raise SystemExit(f"bench only targets loopback addresses, not {host!r}")
-    return url.rstrip("/")
-
-
-async def _get_json(url: str) -> tuple[int, dict]:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
-        return r.status, await r.json()
-
-
-async def _wait_healthy(base: str, proc: subprocess.Popen | None, timeout: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"server exited with code {proc.returncode}")
-        try:
-            status, body = await _get_json(base + "/api/v1/health")
-            if body.get("status") != "starting":
-                if status != 200:
-                    raise SystemExit(f"server is not healthy: {json.dumps(body, ensure_ascii=False)}")
-                return body
-        except OSError:
-            pass
-        await asyncio.sleep(0.5)
-    raise SystemExit("server did not become healthy in time")
-
-
-def _spawn_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    env = dict(os.environ)
-    if args.budget:
-        env["PULMOMED_BUDGET_S"] = str(args.budget)
-    env.update(
-        PULMOMED_MAX_NEW_TOKENS=str(args.max_tokens),
-        PULMOMED_SLOTS=str(args.slots),
-        PULMOMED_RATE_LIMIT_PER_MIN=os.environ.get("PULMOMED_RATE_LIMIT_PER_MIN", "10"),
-    )
-    # a frozen bundle's executable is the CLI itself; from source, run the package
-    program = [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "pulmomed_edge"]
-    cmd = [*program, "serve", "--host", "127.0.0.1", "--port", str(port)]
-    if args.model:
-        cmd += ["--model", args.model]
-    if args.test_models:
-        cmd.append("--test-models")
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-class RssSampler:
-    """Peak resident memory of a process, sampled while the load runs."""
-
-    def __init__(self, pid: int | None) -> None:
-        self.pid = pid
-        self.peak = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _loop(self) -> None:
-        import psutil
-
-        proc = psutil.Process(self.pid)
-        while True:
-            self.peak = max(self.peak, proc.memory_info().rss)
-            await asyncio.sleep(0.25)
-
-    def start(self) -> None:
-        if self.pid:
-            self._task = asyncio.create_task(self._loop())
-
-    async def stop(self) -> int:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        return self.peak
-
-
-async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) -> dict[str, Any]:
+async def run_load(
+    base: str, args: argparse.Namespace, server_pid: int | None
+) -> tuple[dict[str, Any], list[Outcome]]:
+    """The load itself: the summary, and every outcome (for --save-answers)."""
     plans = plan_requests(args.headsets, args.requests, args.mix, args.seed, args.identical)
-    _, before = await _get_json(base + "/api/v1/health")
+    _, before = await get_json(base + HEALTH)
     sampler = RssSampler(server_pid)
     sampler.start()
+    print(f"bench: {args.headsets} headsets asking {base}", file=sys.stderr, flush=True)
+    if ":" in (urlparse(base).hostname or "") and not args.no_source_ips:
+        print("bench: over IPv6 every headset asks from ::1 (one device to a rate limit)", file=sys.stderr)
     started = time.perf_counter()
     t_end = started + args.duration
     results = await asyncio.gather(*(_headset(i, base, plans[i], args, t_end) for i in range(args.headsets)))
     wall = time.perf_counter() - started
     rss = await sampler.stop()
-    _, after = await _get_json(base + "/api/v1/health")
-    eng_b = before["components"]["llm"].get("engine", {})
-    eng_a = after["components"]["llm"].get("engine", {})
     outcomes = [o for r in results for o in r]
+    try:
+        _, after = await get_json(base + HEALTH)
+    except (OSError, NotPulmoMedServer):
+        # what the headsets measured still stands; the server's own counters are unknown
+        summary = summarize(outcomes, wall, None, None)
+        summary["server_rss_mb"] = round(rss / 2**20, 1) if rss else None
+        summary["server_stopped"] = f"the server at {base} stopped answering during the run"
+        return summary, outcomes
+    eng_b = before.get("components", {}).get("llm", {}).get("engine", {})
+    eng_a = after.get("components", {}).get("llm", {}).get("engine", {})
     summary = summarize(
         outcomes,
         wall,
@@ -422,7 +389,7 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
     summary["server_rss_mb"] = round(rss / 2**20, 1) if rss else None
     for counter in ("prompt_tokens", "reused_tokens", "decode_steps"):
         summary[counter] = eng_a.get(counter, 0) - eng_b.get(counter, 0)
-    summary["model"] = after["components"]["llm"].get("model")
+    summary["model"] = after.get("components", {}).get("llm", {}).get("model")
     # background generations for states that got a busy fallback, started while no student waited
     # (included in generations and new tokens), and those that finished (they pause for students)
     for name in ("started", "answered"):
@@ -434,13 +401,11 @@ async def run_load(base: str, args: argparse.Namespace, server_pid: int | None) 
     summary["busy"] = {
         reason: _counted(before, after, "busy", reason) for reason in ("late", "short", "crowds", "queue")
     }
-    if args.save_answers:
-        save_answers(args.save_answers, outcomes)
     repeats = [o for o in outcomes if o.repeat]
     if repeats:
         again = summarize(repeats, wall, 0, 0)
         summary["asked_again"] = {k: again[k] for k in ("requests", "errors", "by_llm_model", "cache_hits")}
-    return summary
+    return summary, outcomes
 
 
 def save_report(path: Path, report: dict[str, Any]) -> None:
@@ -481,12 +446,34 @@ def _counted(before: dict, after: dict, group: str, counter: str) -> int:
 
 # --- entry point -------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    try:
+        check_args(args)
+    except BenchUsageError as exc:
+        print(f"pulmomed-edge bench: error: {exc}", file=sys.stderr)
+        return 2
+    with _signals_end_the_run():
+        return asyncio.run(_run(args))
+
+
+@contextlib.contextmanager
+def _signals_end_the_run() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run as Ctrl+C does: SystemExit unwinds through the `finally`
+    blocks that stop the servers the run started, instead of leaving them behind."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def bench_retrieval() -> dict[str, Any]:
     """Embedding one query, search end to end (p50/p95 ms), and a full index build (s)."""
-    import tempfile
 
     from .config import CORPUS_DIR, manifest_path
     from .corpus import load_corpus
@@ -525,18 +512,18 @@ async def _run(args: argparse.Namespace) -> int:
             from .bench_reference import run_invariance
 
             report = {"machine": machine_info(), "invariance": await asyncio.to_thread(run_invariance, args)}
-        print(json.dumps(report, ensure_ascii=False, indent=2))
         if args.json:
             save_report(args.json, report)
+        print(json.dumps(report, ensure_ascii=False, indent=2))
         return 0
-    if args.runs < 1 or (args.runs > 1 and args.url and not args.spawn):
-        raise SystemExit("--runs needs a spawned server (--spawn) and is at least 1")
     report: dict[str, Any] = {"machine": machine_info(), "args": _args_json(args)}
-    runs = []
+    runs, answered = [], []
     for i in range(args.runs):
-        # later runs keep their answers only in the report, not in --save-answers
-        run_args = args if i == 0 else argparse.Namespace(**{**vars(args), "save_answers": None})
-        runs.append(await _our_run(run_args))
+        summary, outcomes = await _our_run(args)
+        runs.append(summary)
+        answered = answered if i else outcomes  # later runs keep theirs only in the report
+        if "server_stopped" in summary:
+            break
     report["pulmomed"] = runs[0]
     if len(runs) > 1:
         report["runs"] = runs
@@ -544,39 +531,52 @@ async def _run(args: argparse.Namespace) -> int:
     if args.baseline:
         from .bench_reference import run_baseline
 
-        report["baseline"] = await run_baseline(
-            args, plan_requests(args.headsets, args.requests, args.mix, args.seed, args.identical)
-        )
+        plans = plan_requests(args.headsets, args.requests, args.mix, args.seed, args.identical)
+        report["baseline"] = await _reference(run_baseline(args, plans))
     if args.ceiling:
         from .bench_reference import run_ceiling
 
-        report["ceiling"] = await asyncio.to_thread(run_ceiling, args)
-    print_table(report)
+        report["ceiling"] = await _reference(asyncio.to_thread(run_ceiling, args))
+    # the report first: nothing after the run may lose what it measured
     if args.json:
         save_report(args.json, report)
+    if args.save_answers:
+        save_answers(args.save_answers, answered)
+    print_table(report)
+    if args.json:
         print(f"\nJSON: {args.json}")
+    stopped = [run["server_stopped"] for run in runs if "server_stopped" in run]
+    if stopped:
+        print(f"bench: {stopped[0]}; the report holds what was measured until then", file=sys.stderr)
+        return 1
     return 0
 
 
-async def _our_run(args: argparse.Namespace) -> dict[str, Any]:
-    """One load run against a running server on loopback, or a freshly spawned one."""
-    proc = None
-    if args.url and not args.spawn:
-        base = _check_loopback(args.url)
-    else:
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = _spawn_server(args, port)
+async def _reference(measure: Any) -> dict[str, Any]:
+    """A baseline or ceiling measurement, or its error (our run is reported either way)."""
     try:
-        await _wait_healthy(base, proc)
-        return await run_load(base, args, proc.pid if proc else None)
+        return dict(await measure)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+async def _our_run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Outcome]]:
+    """One load run against a running server on loopback, or a freshly spawned one."""
+    if args.url:
+        await wait_healthy(args.url, None)
+        return await run_load(args.url, args, None)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = spawn_server(args, port)
+    try:
+        await wait_healthy(base, server)
+        summary, outcomes = await run_load(base, args, server.pid)
+        if "server_stopped" in summary and server.exited:
+            summary["server_exit_code"] = server.returncode
+            summary["server_last_lines"] = server.tail()
+        return summary, outcomes
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        server.stop()
 
 
 SPREAD_FIELDS = {
@@ -637,51 +637,70 @@ def _args_json(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
 
 
-def print_table(report: dict[str, Any]) -> None:
-    rows = [("", "pulmomed", "baseline")]
-    ours, base = report.get("pulmomed", {}), report.get("baseline", {})
+TABLE_ROWS = [
+    ("requests", ("requests",)),
+    ("errors", ("errors",)),
+    ("cut answers", ("cut_answers",)),
+    ("trimmed answers", ("trimmed_answers",)),
+    ("fallback rate", ("fallback_rate",)),
+    ("generations", ("generations",)),
+    ("backfill started", ("backfill_started",)),
+    ("backfill answered", ("backfill_answered",)),
+    ("timeouts waiting", ("timeouts_waiting",)),
+    ("timeouts writing", ("timeouts_writing",)),
+    ("timeouts joined", ("timeouts_joined",)),
+    ("busy late/short/crowds/queue", ("busy",)),
+    ("cache hits", ("cache_hits",)),
+    ("cache hit p99 ms", ("cache_hit_e2e_ms", "p99")),
+    ("tok/s (aggregate)", ("tok_per_s",)),
+    ("TTFT p50 s", ("ttft_s", "p50")),
+    ("TTFT p95 s", ("ttft_s", "p95")),
+    ("TTFT p99 s", ("ttft_s", "p99")),
+    ("end-to-end p50 s", ("e2e_s", "p50")),
+    ("end-to-end p95 s", ("e2e_s", "p95")),
+    ("end-to-end p99 s", ("e2e_s", "p99")),
+    ("server RSS MB", ("server_rss_mb",)),
+]
+NO_TTFT = "n/a"  # without --stream an answer arrives whole: its "TTFT" is its end-to-end time
 
-    def cell(d: dict, *path: str) -> str:
+
+def print_table(report: dict[str, Any]) -> None:
+    ours, base = report.get("pulmomed", {}), report.get("baseline", {})
+    streamed = report.get("args", {}).get("stream", True)
+    width = max(len(label) for label, _ in TABLE_ROWS)
+
+    def cell(d: dict, path: tuple[str, ...]) -> str:
         v = _at(d, path)
         if isinstance(v, dict):  # counts by kind, in the label's order
             return "/".join(str(n) for n in v.values())
         return "-" if v is None else str(v)
 
-    for label, path in [
-        ("requests", ("requests",)),
-        ("errors", ("errors",)),
-        ("cut answers", ("cut_answers",)),
-        ("trimmed answers", ("trimmed_answers",)),
-        ("fallback rate", ("fallback_rate",)),
-        ("generations", ("generations",)),
-        ("backfill started", ("backfill_started",)),
-        ("backfill answered", ("backfill_answered",)),
-        ("timeouts waiting", ("timeouts_waiting",)),
-        ("timeouts writing", ("timeouts_writing",)),
-        ("timeouts joined", ("timeouts_joined",)),
-        ("busy late/short/crowds/queue", ("busy",)),
-        ("cache hits", ("cache_hits",)),
-        ("cache hit p99 ms", ("cache_hit_e2e_ms", "p99")),
-        ("tok/s (aggregate)", ("tok_per_s",)),
-        ("TTFT p50 s", ("ttft_s", "p50")),
-        ("TTFT p95 s", ("ttft_s", "p95")),
-        ("TTFT p99 s", ("ttft_s", "p99")),
-        ("end-to-end p50 s", ("e2e_s", "p50")),
-        ("end-to-end p95 s", ("e2e_s", "p95")),
-        ("end-to-end p99 s", ("e2e_s", "p99")),
-        ("server RSS MB", ("server_rss_mb",)),
-    ]:
-        rows.append((label, cell(ours, *path), cell(base, *path)))
     print(f"\nmodel: {ours.get('model')}   answers by model: {ours.get('by_llm_model')}")
-    for r in rows:
-        print(f"{r[0]:20s} {r[1]:>12s} {r[2]:>12s}")
+    print(f"{'':{width}s} {'pulmomed':>12s} {'baseline':>12s}")
+    for label, path in TABLE_ROWS:
+        mine = NO_TTFT if path[0] == "ttft_s" and not streamed else cell(ours, path)
+        print(f"{label:{width}s} {mine:>12s} {cell(base, path):>12s}")
+    if not streamed:
+        print(f"TTFT {NO_TTFT} for pulmomed: without --stream each answer arrives whole (see end-to-end)")
+    if "server_stopped" in ours:
+        print(f"{ours['server_stopped']} (exit code {ours.get('server_exit_code', '?')})")
+        if ours.get("server_last_lines"):
+            print(ours["server_last_lines"])
     if "asked_again" in ours:
         again = ours["asked_again"]
         print(f"asked again: {again['requests']} requests, answers by model: {again['by_llm_model']}")
+    if base.get("error"):
+        print(f"baseline failed: {base['error']}")
     if "ceiling" in report:
-        print(f"ceiling (raw batched decode): {report['ceiling'].get('tok_per_s')} tok/s")
+        ceiling = report["ceiling"]
+        if ceiling.get("error"):
+            print(f"ceiling failed: {ceiling['error']}")
+        else:
+            print(f"ceiling (raw batched decode): {ceiling.get('tok_per_s')} tok/s")
     if "spread" in report:
         print(f"\nover {len(report['runs'])} runs of ours (min / median / max):")
         for label, values in report["spread"].items():
+            if label.startswith("TTFT") and not streamed:
+                continue
             text = "-" if values is None else " / ".join(f"{v:g}" for v in values)
-            print(f"{label:20s} {text}")
+            print(f"{label:{width}s} {text}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from typing import Any
@@ -119,11 +118,12 @@ async def run_baseline(args: argparse.Namespace, plans: list[list[dict]]) -> dic
 
     import aiohttp
 
-    from .bench import RssSampler, _free_port, _pct
+    from .bench import _pct
+    from .bench_server import RssSampler, ServerProcess, free_port
 
     prompts = await asyncio.to_thread(render_prompts, args, plans)
     _, path = _model_path(args)
-    port = _free_port()
+    port = free_port()
     n_ctx = max(2048, args.max_tokens + 1024)
     # llama.cpp repacks CPU weights by default and llama_cpp.server has no option against it; our
     # engine does not repack (slower on this machine's Q4_K_M), so --baseline-no-repack asks the
@@ -149,14 +149,15 @@ async def run_baseline(args: argparse.Namespace, plans: list[list[dict]]) -> dic
         "--n_threads",
         str(Settings.from_env().effective_threads),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = ServerProcess(f"llama_cpp.server at http://127.0.0.1:{port}", cmd)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
             while True:
-                if proc.poll() is not None:
-                    return {"error": "llama_cpp.server exited (is llama-cpp-python[server] installed?)"}
+                if server.exited:
+                    what = f"llama_cpp.server exited with code {server.returncode}"
+                    return {"error": server.failure(f"{what} (is llama-cpp-python[server] installed?)")}
                 try:
                     async with s.get(base + "/v1/models") as r:
                         if r.status == 200:
@@ -164,9 +165,9 @@ async def run_baseline(args: argparse.Namespace, plans: list[list[dict]]) -> dic
                 except OSError:
                     pass
                 if time.monotonic() > deadline:
-                    return {"error": "llama_cpp.server did not start"}
+                    return {"error": server.failure("llama_cpp.server did not start within 120 s")}
                 await asyncio.sleep(0.5)
-        sampler = RssSampler(proc.pid)
+        sampler = RssSampler(server.pid)
         sampler.start()
         started = time.perf_counter()
 
@@ -185,11 +186,7 @@ async def run_baseline(args: argparse.Namespace, plans: list[list[dict]]) -> dic
         wall = time.perf_counter() - started
         rss = await sampler.stop()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
     ok = [r for r in runs if not r[3]]
     tokens = sum(r[2] for r in runs)
     return {
