@@ -83,8 +83,10 @@ class ServerState:
                 f"El motor de generación se detuvo ({engine.failure}): los alumnos reciben el resumen "
                 f"de las fuentes. / The generation engine stopped: {engine.failure}"
             )
+            # the teacher can do this one: say it in Spanish first
             llm.fix = (
-                f"restart PulmoMed Edge (close it and start it again); details in {self.settings.log_file}"
+                "reinicia PulmoMed Edge (ciérralo y vuelve a abrirlo) / restart PulmoMed Edge (close it "
+                f"and start it again); details in {self.settings.log_file}"
             )
             return
         stalled = engine.stalled_s()
@@ -96,8 +98,8 @@ class ServerState:
                 f"{stalled:.0f} s."
             )
             llm.fix = (
-                "wait a minute; if it stays stalled, restart PulmoMed Edge "
-                f"(details in {self.settings.log_file})"
+                "espera un minuto; si sigue atascado, reinicia PulmoMed Edge / wait a minute; if it "
+                f"stays stalled, restart PulmoMed Edge (details in {self.settings.log_file})"
             )
         elif llm.status == "stalled":
             llm.status, llm.error, llm.fix = "ready", None, None

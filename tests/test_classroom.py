@@ -875,7 +875,7 @@ async def test_a_stuck_engine_is_reported_and_students_get_the_summary_at_once(s
             assert status == 503 and report["status"] == "degraded"
             llm = report["components"]["llm"]
             assert llm["status"] == "stalled" and "sin terminar un paso" in llm["error"]
-            assert "restart PulmoMed Edge" in llm["fix"]
+            assert "reinicia PulmoMed Edge" in llm["fix"] and "restart PulmoMed Edge" in llm["fix"]
             started = time.monotonic()
             status, body = await post(served, {"age": 45, "pack_years": 5, "sensitive_tumor_volume": 2.2})
             assert status == 200 and body["llm_model"] == "fallback-unavailable"
