@@ -53,6 +53,13 @@ def terms(text: str) -> list[str]:
     return [t for t in tokens if t.isdigit() or (len(t) >= _MIN_TERM and t not in _DISCOURSE)]
 
 
+def says_nothing(sentence: str) -> bool:
+    """A sentence without one word that carries meaning: an enumerator ("1."), "Sí.", a bare
+    citation. The small models write them; they are dropped (not withheld) and never make a
+    section on their own."""
+    return all(t.isdigit() for t in terms(sentence))
+
+
 def support_of(texts: Iterable[str]) -> frozenset[str]:
     """Every term the model was shown (a term is supported if any of the texts has it)."""
     found: set[str] = set()
@@ -143,7 +150,7 @@ class SentenceGate:
 
     def _release(self, section: str, sentence: str) -> list[tuple[str, str]]:
         sentence = " ".join(sentence.split())
-        if not sentence or unsupported(sentence, self.support, stage=self.stage):
+        if says_nothing(sentence) or unsupported(sentence, self.support, stage=self.stage):
             return []
         self._sent[section] += 1
         return [(section, sentence if self._sent[section] == 1 else " " + sentence)]
@@ -172,6 +179,8 @@ def ground_sections(
     for name in ("explicacion", "recomendacion"):
         good = []
         for sentence in sentences(getattr(answer, name)):
+            if says_nothing(sentence):
+                continue
             if unsupported(sentence, support, max_novel=max_novel, stage=stage):
                 withheld.append(sentence)
             else:

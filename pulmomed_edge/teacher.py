@@ -613,7 +613,7 @@ class TeacherService:
             self.grounding["sentences"] += len(grounded.withheld)
             log.info("withheld %d unsupported sentence(s): %s", len(grounded.withheld), grounded.withheld)
         if not grounded.kept:
-            # every sentence was withheld: the student reads the extractive summary, and the
+            # every sentence was withheld (or said nothing): the student reads the extractive summary, and the
             # answer says so (API: "fallback-…" when the model did not write it)
             model = UNSUPPORTED
         response = self._response(prepared, grounded.sections, model)

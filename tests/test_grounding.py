@@ -73,6 +73,26 @@ def test_an_answer_with_no_supported_sentence_keeps_none(esophagitis):
     assert grounded.sections == fallback and grounded.kept == 0 and len(grounded.withheld) == 2
 
 
+def test_a_section_that_says_nothing_is_the_fallbacks_and_the_stream_never_shows_it(esophagitis):
+    """The test model once answered "1." for the explanation (an enumerator and nothing after it):
+    that was served, and cached, as the model's explanation. Such pieces are dropped, neither
+    kept nor withheld, and an emptied section is the grounded one."""
+    answer = Sections(
+        explicacion="1.",
+        recomendacion="2. Se maneja con analgesia y dieta blanda [1].",
+    )
+    fallback = Sections("explicación de respaldo.", "Se maneja con medidas de soporte [1].")
+    grounded = ground_sections(answer, esophagitis, fallback)
+    assert grounded.sections.explicacion == fallback.explicacion
+    assert grounded.sections.recomendacion == "Se maneja con analgesia y dieta blanda [1]."
+    assert grounded.kept == 1 and grounded.withheld == []
+    nothing = Sections("1.", "Sí. [1]")
+    assert ground_sections(nothing, esophagitis, fallback).kept == 0  # then the answer is a fallback
+    gate = SentenceGate(esophagitis)
+    out = gate.feed("explicacion", "1. ") + gate.feed("recomendacion", answer.recomendacion) + gate.finish()
+    assert out == [("recomendacion", "Se maneja con analgesia y dieta blanda [1].")]
+
+
 def test_immunotherapy_answer_sentences_from_the_default_model(passages):
     """Two sentences of one real answer to an immunotherapy state: the restatement stays."""
     support = support_of([SYSTEM_PROMPT, passages["inmuno-mecanismo-01"], "Paciente: inmunoterapia."])
