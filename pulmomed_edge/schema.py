@@ -104,9 +104,7 @@ class SimulationState(BaseModel):
         default=0, validation_alias=AliasChoices("dias_tratamiento", "treatment_days"), ge=0
     )
     modo: Mode = Field(default="libre", validation_alias=AliasChoices("modo", "mode"))
-    caso_id: str | None = Field(
-        default=None, validation_alias=AliasChoices("caso_id", "case_id"), max_length=100
-    )
+    caso_id: str | None = Field(default=None, validation_alias=AliasChoices("caso_id", "case_id"))
     lung_state: LungState | None = Field(default=None, validation_alias=AliasChoices("lung_state"))
 
     @model_validator(mode="before")
@@ -238,8 +236,6 @@ def _spanish(err: Any) -> str:
         return f"Valor no permitido; usa uno de: {str(ctx.get('expected', '')).replace(' or ', ', ')}."
     if kind == "string_unicode":
         return "El texto contiene caracteres Unicode no válidos."
-    if kind == "string_too_long":
-        return f"Texto demasiado largo (máximo {ctx.get('max_length')} caracteres)."
     if "number_expected" in str(ctx.get("error", "")):
         return "Debe ser un número JSON (no un texto entre comillas ni true/false)."
     for key, words in _TYPE_WORDS.items():

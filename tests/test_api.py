@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+from conftest import generated
 
 from pulmomed_edge.engine.scheduler import common_prefix
 from pulmomed_edge.prompts import Sections, render_prompt
@@ -37,7 +38,8 @@ async def test_seed_request_succeeds_with_a_generated_grounded_answer(served, se
     status, body = await post(served, seed)
     assert status == 200, body
     assert body.keys() >= RESPONSE_KEYS
-    assert body["llm_model"] == body["model_used"] == "smollm2-135m-instruct-q4_1"
+    assert body["llm_model"] == body["model_used"]
+    assert generated(body["llm_model"], "smollm2-135m-instruct-q4_1")
     assert body["explicacion"].strip() and body["recomendacion"].strip()
     assert body["advertencia"] == ADVERTENCIA
     assert body["retrieved_chunks"] == len(body["pasajes"]) >= 1
@@ -140,6 +142,12 @@ async def test_body_over_64_kib_is_413(served, seed):
     assert "64 KiB" in answer["error"]
 
 
+async def test_caso_id_is_any_string_in_libre_mode(served, seed):
+    """API.md: "string or null", a library id only in biblioteca mode (it was capped at 100)."""
+    status, body = await post(served, {**seed, "caso_id": "x" * 300})
+    assert status == 200, body
+
+
 async def test_state_survives_a_bad_request(served, seed):
     await post(served, None, raw=b"{broken")
     status, _ = await post(served, seed)
@@ -228,7 +236,7 @@ async def test_fallback_timeout_answers_from_passages_and_frees_the_slot(served)
     assert served.state.engine.stats()["active"] == 0
     # fallbacks are not cached: the same state now gets a real answer
     status, again = await post(served, {"age": 81, "pack_years": 70, "sensitive_tumor_volume": 90.0})
-    assert again["llm_model"] == "smollm2-135m-instruct-q4_1"
+    assert generated(again["llm_model"], "smollm2-135m-instruct-q4_1")
 
 
 async def test_health_answers_fast_while_a_generation_runs(served):
@@ -452,5 +460,5 @@ async def test_a_configured_max_new_tokens_below_the_minimum_answer_still_caps_i
         status, body = await post(served, {"age": 44, "pack_years": 12, "sensitive_tumor_volume": 33.0})
     finally:
         teacher.config = original
-    assert status == 200 and body["llm_model"] == "smollm2-135m-instruct-q4_1"
+    assert status == 200 and generated(body["llm_model"], "smollm2-135m-instruct-q4_1")
     assert engine.counters["new_tokens"] - before <= 40
