@@ -38,9 +38,8 @@ async def post(served, body):
         return resp.status, await resp.json()
 
 
-async def read_stream(served, body, *, stop_after: int | None = None):
-    """(events as (name, data) in order); closes the connection after `stop_after` events
-    (meta included) if asked."""
+async def read_stream(served, body):
+    """The stream's events as (name, data), in order."""
     events = []
     async with served.session.post(served.url(API + "/stream"), json=body) as resp:
         assert resp.status == 200
@@ -52,9 +51,6 @@ async def read_stream(served, body, *, stop_after: int | None = None):
                 name = line[7:]
             elif line.startswith("data: "):
                 events.append((name, json.loads(line[6:])))
-                if stop_after is not None and len(events) >= stop_after:
-                    resp.close()
-                    return events
     return events
 
 
@@ -304,14 +300,22 @@ async def test_a_failure_while_streaming_cancels_the_task_and_keeps_what_was_sho
 
 
 async def test_client_that_disconnects_frees_its_slot(served):
-    engine = served.state.engine
+    """A headset gone right after `meta`: its answer is cancelled (or, if the engine had not taken
+    it yet, never starts), so it ends as a timeout instead of being written for nobody."""
+    engine, teacher = served.state.engine, served.state.teacher
     await wait_idle(engine)
-    before = engine.counters["cancelled"]
     body = {"age": 88, "pack_years": 40, "sensitive_tumor_volume": 100.0, "active_treatment": "radio"}
-    events = await read_stream(served, body, stop_after=1)  # gone right after meta
-    assert [name for name, _ in events] == ["meta"]
+    key = (await asyncio.to_thread(teacher.prepare, parse_state(body, teacher.library.ids))).key
+    assert teacher.cache.get(key) is None
+    async with served.session.post(served.url(API + "/stream"), json=body) as resp:
+        while not (await resp.content.readline()).startswith(b"event: meta"):
+            pass
+        flight = teacher._flights[key]
+        resp.close()  # gone
+    result = await asyncio.wait_for(asyncio.shield(flight.result), 60)
+    assert result.llm_model == "fallback-timeout" and flight.abandoned
     await wait_idle(engine)
-    assert engine.counters["cancelled"] == before + 1
+    assert teacher.cache.get(key) is None
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -744,13 +748,11 @@ def test_bench_short_mode_completes_and_reports(settings, tmp_path):
     for again in (r for r in rows if r["repeat"]):
         first = next(r for r in rows if r["headset"] == again["headset"] and not r["repeat"])
         assert again["sent_s"] >= first["sent_s"] + first["e2e_s"]
-    # what was streamed is kept beside the checked answer of every answer the model wrote
-    written = [
-        r
-        for r in rows
-        if r["answer"]["cache"] != "hit" and not r["answer"]["llm_model"].startswith("fallback")
-    ]
-    assert all(r["streamed"]["explicacion"] for r in written)
+    # what was streamed is kept beside the checked answer, and the answer never takes it back
+    # (with the 135M test model few sentences pass the check, so some answers stream nothing)
+    for row in (r for r in rows if "streamed" in r):
+        for section, text in row["streamed"].items():
+            assert text.strip() in row["answer"][section]
     assert "asked again" in proc.stdout
     assert {"backfill_started", "backfill_answered", "trimmed_answers", "busy"} <= ours.keys()
     assert {
