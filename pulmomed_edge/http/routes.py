@@ -83,6 +83,11 @@ def _refusal(state: ServerState, request: web.Request) -> web.Response | None:
     return None
 
 
+def _bad_body(message: str, kind: type[web.HTTPException] = web.HTTPBadRequest) -> web.HTTPException:
+    """A refusal of the request body, in JSON (the error middleware passes it through as is)."""
+    return kind(text=dumps({"error": message}), content_type="application/json")
+
+
 async def _read_state(request: web.Request, state: ServerState) -> SimulationState:
     try:
         # over client_max_size → 413 (middleware renders it); a sender that stalls mid-body
@@ -90,35 +95,21 @@ async def _read_state(request: web.Request, state: ServerState) -> SimulationSta
         async with asyncio.timeout(BODY_READ_S):
             body = await request.read()
     except TimeoutError:
-        raise web.HTTPRequestTimeout(
-            text=dumps({"error": "El cuerpo de la solicitud llegó incompleto: vuelve a enviarlo."}),
-            content_type="application/json",
-        ) from None
+        incomplete = "El cuerpo de la solicitud llegó incompleto: vuelve a enviarlo."
+        raise _bad_body(incomplete, web.HTTPRequestTimeout) from None
     except web.RequestPayloadError:  # e.g. a Content-Encoding the body does not match
-        raise web.HTTPBadRequest(
-            text=dumps({"error": "No se pudo leer el cuerpo de la solicitud (¿compresión errónea?)."}),
-            content_type="application/json",
-        ) from None
+        raise _bad_body("No se pudo leer el cuerpo de la solicitud (¿compresión errónea?).") from None
     try:
         # NaN/Infinity are not JSON: keep them as floats so validation names the field; so are
         # integers too long for Python to convert (no field's range is anywhere near them)
         data = json.loads(body.decode("utf-8"), parse_constant=float, parse_int=_json_int)
     except (UnicodeDecodeError, ValueError):
-        raise web.HTTPBadRequest(
-            text=dumps({"error": "El cuerpo de la solicitud no es JSON válido."}),
-            content_type="application/json",
-        ) from None
+        raise _bad_body("El cuerpo de la solicitud no es JSON válido.") from None
     except RecursionError:
         # arrays or objects nested thousands deep (the decoder recurses): no state is like that
-        raise web.HTTPBadRequest(
-            text=dumps({"error": "El cuerpo de la solicitud anida demasiadas listas u objetos."}),
-            content_type="application/json",
-        ) from None
+        raise _bad_body("El cuerpo de la solicitud anida demasiadas listas u objetos.") from None
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(
-            text=dumps({"error": "El cuerpo debe ser un objeto JSON con el estado de la simulación."}),
-            content_type="application/json",
-        )
+        raise _bad_body("El cuerpo debe ser un objeto JSON con el estado de la simulación.")
     return parse_state(data, state.library.ids)
 
 
