@@ -24,12 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PulmoMedError as exc:
-        print(f"error: {exc.message}\n  {exc.mensaje}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix / solución: {exc.fix}", file=sys.stderr)
+        print(f"error: {_explain(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _explain(exc: PulmoMedError) -> str:
+    """A fault for the admin: English, Spanish, and the fix when there is one."""
+    fix = f"\n  fix / solución: {exc.fix}" if exc.fix else ""
+    return f"{exc.message}\n  {exc.mensaje}{fix}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .http.status_page import LOOPBACK_WARNING, NO_NETWORK
-    from .network import is_loopback_host, teacher_urls
+    from .network import is_loopback_host, is_wildcard_host, teacher_urls
 
     settings = Settings.from_env(
         host=args.host,
@@ -143,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     urls = teacher_urls(settings.host, settings.port)
     # the teacher opens the status page on this laptop; headsets need a LAN address
-    local = urls[0] if settings.host not in ("0.0.0.0", "", "::") else f"http://127.0.0.1:{settings.port}"
+    local = f"http://127.0.0.1:{settings.port}" if is_wildcard_host(settings.host) else urls[0]
     if is_loopback_host(settings.host):
         headsets = [f"    {LOOPBACK_WARNING}"]
     else:
@@ -208,7 +212,7 @@ def _models_verify(args: argparse.Namespace) -> int:
             print(f"ok  {name}  {store.verify(name, full=True, progress=True)}")
         except PulmoMedError as exc:
             failed += 1
-            print(f"FAILED  {name}: {exc.message}\n  {exc.mensaje}\n  fix / solución: {exc.fix}")
+            print(f"FAILED  {name}: {_explain(exc)}")
     return 1 if failed else 0
 
 

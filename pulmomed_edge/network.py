@@ -62,9 +62,14 @@ def is_loopback_host(host: str) -> bool:
     return False
 
 
+def is_wildcard_host(host: str) -> bool:
+    """Whether a server bound to `host` listens on every interface."""
+    return host in ("0.0.0.0", "", "::")
+
+
 def teacher_urls(host: str, port: int) -> list[str]:
     """The addresses headsets can use for a server bound to `host` (all LAN ones for 0.0.0.0)."""
-    if host not in ("0.0.0.0", "", "::"):
+    if not is_wildcard_host(host):
         shown = f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 literal
         return [f"http://{shown}:{port}"]
     return [f"http://{ip}:{port}" for ip in lan_addresses()]
