@@ -259,7 +259,7 @@ def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
         )
     except ModelLoadFailed:
         again = (
-            f"copy the file again and register it with `pulmomed-edge models add PATH --name {name}`"
+            f"copy the file again and register it with {store.add_command(path, name)}"
             if entry.is_local
             else f"run `pulmomed-edge models verify --full {name}`"
         )

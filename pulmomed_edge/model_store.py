@@ -184,9 +184,14 @@ class ModelStore:
         self._write_stamp(entry, path, st)
         return path
 
+    @staticmethod
+    def add_command(path: Path, name: str) -> str:
+        """The command that registers `path` as the lab's model `name` again."""
+        return f"`pulmomed-edge models add {shell_quote(path)} --name {name}`"
+
     def _broken(self, entry: ModelEntry, path: Path, problem_es: str, problem_en: str) -> ModelError:
         if entry.is_local:
-            fix = f"`pulmomed-edge models add {shell_quote(path)} --name {entry.name}` with the right file"
+            fix = f"{self.add_command(path, entry.name)} with the right file"
         else:
             fix = f"`{self._fetch_command(entry.name)}` (downloads and replaces it)"
         return ModelError(
