@@ -36,11 +36,10 @@ from .bench_args import (
     parse_mix,
 )
 from .bench_server import (
-    HEALTH,
     NotPulmoMedServer,
     RssSampler,
     free_port,
-    get_json,
+    get_health,
     spawn_server,
     wait_healthy,
 )
@@ -269,6 +268,11 @@ def source_address(headset: int) -> str:
     return f"127.{n // (254 * 256)}.{n // 254 % 256}.{n % 254 + 1}"
 
 
+def _over_ipv6(base: str) -> bool:
+    """IPv6 loopback has the one address ::1, so over it every headset shares its source address."""
+    return ":" in (urlparse(base).hostname or "")
+
+
 def _refused(outcome: Outcome) -> bool:
     """Nothing answered at the server's address any more (it stopped)."""
     return outcome.status == 0 and outcome.error.startswith("ClientConnectorError")
@@ -279,9 +283,7 @@ async def _headset(
 ) -> list[Outcome]:
     import aiohttp
 
-    # IPv6 loopback has the one address ::1, so over it all headsets share their source address
-    ipv6 = ":" in (urlparse(base).hostname or "")
-    local = None if args.no_source_ips or ipv6 else (source_address(i), 0)
+    local = None if args.no_source_ips or _over_ipv6(base) else (source_address(i), 0)
     connector = aiohttp.TCPConnector(local_addr=local, force_close=False)
     rng = random.Random(args.seed * 1000 + i)
     out: list[Outcome] = []
@@ -358,24 +360,24 @@ async def run_load(
 ) -> tuple[dict[str, Any], list[Outcome]]:
     """The load itself: the summary, and every outcome (for --save-answers)."""
     plans = plan_requests(args.headsets, args.requests, args.mix, args.seed, args.identical)
-    _, before = await get_json(base + HEALTH)
+    _, before = await get_health(base)
     sampler = RssSampler(server_pid)
     sampler.start()
     print(f"bench: {args.headsets} headsets asking {base}", file=sys.stderr, flush=True)
-    if ":" in (urlparse(base).hostname or "") and not args.no_source_ips:
+    if _over_ipv6(base) and not args.no_source_ips:
         print("bench: over IPv6 every headset asks from ::1 (one device to a rate limit)", file=sys.stderr)
     started = time.perf_counter()
     t_end = started + args.duration
     results = await asyncio.gather(*(_headset(i, base, plans[i], args, t_end) for i in range(args.headsets)))
     wall = time.perf_counter() - started
-    rss = await sampler.stop()
+    rss_mb = await sampler.stop()
     outcomes = [o for r in results for o in r]
     try:
-        _, after = await get_json(base + HEALTH)
+        _, after = await get_health(base)
     except (OSError, NotPulmoMedServer):
         # what the headsets measured still stands; the server's own counters are unknown
         summary = summarize(outcomes, wall, None, None)
-        summary["server_rss_mb"] = round(rss / 2**20, 1) if rss else None
+        summary["server_rss_mb"] = rss_mb
         summary["server_stopped"] = f"the server at {base} stopped answering during the run"
         return summary, outcomes
     eng_b = before.get("components", {}).get("llm", {}).get("engine", {})
@@ -386,7 +388,7 @@ async def run_load(
         eng_a.get("new_tokens", 0) - eng_b.get("new_tokens", 0),
         eng_a.get("generations", 0) - eng_b.get("generations", 0),
     )
-    summary["server_rss_mb"] = round(rss / 2**20, 1) if rss else None
+    summary["server_rss_mb"] = rss_mb
     for counter in ("prompt_tokens", "reused_tokens", "decode_steps"):
         summary[counter] = eng_a.get(counter, 0) - eng_b.get(counter, 0)
     summary["model"] = after.get("components", {}).get("llm", {}).get("model")

@@ -16,7 +16,6 @@ DEFAULT_SLOTS = 8
 DEFAULT_MAX_TOKENS = 128
 
 
-# --- ------------------------------------------------------
 class BenchUsageError(Exception):
     """A flag value or combination the run cannot go ahead with (exit 2, like argparse's errors)."""
 

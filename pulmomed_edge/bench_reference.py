@@ -184,7 +184,7 @@ async def run_baseline(args: argparse.Namespace, plans: list[list[dict]]) -> dic
 
         runs = [r for rs in await asyncio.gather(*(headset(i) for i in range(len(prompts)))) for r in rs]
         wall = time.perf_counter() - started
-        rss = await sampler.stop()
+        rss_mb = await sampler.stop()
     finally:
         server.stop()
     ok = [r for r in runs if not r[3]]
@@ -202,7 +202,7 @@ async def run_baseline(args: argparse.Namespace, plans: list[list[dict]]) -> dic
             for q, n in (("p50", 50), ("p95", 95), ("p99", 99))
         },
         "e2e_s": {q: _pct([r[1] for r in ok], n) for q, n in (("p50", 50), ("p95", 95), ("p99", 99))},
-        "server_rss_mb": round(rss / 2**20, 1) if rss else None,
+        "server_rss_mb": rss_mb,
     }
 
 

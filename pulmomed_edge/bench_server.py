@@ -17,7 +17,6 @@ import time
 HEALTH = "/api/v1/health"
 
 
-# -----------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,13 +27,14 @@ class NotPulmoMedServer(Exception):
     """Something answered HTTP at the address, but not a PulmoMed Edge health report."""
 
 
-async def get_json(url: str, timeout: float = 10.0) -> tuple[int, dict]:
-    """GET a health report: (status code, body); NotPulmoMedServer when the body is not one."""
+async def get_health(base: str, timeout: float = 10.0) -> tuple[int, dict]:
+    """GET the server's health report: (status code, body); NotPulmoMedServer when the body is not
+    one."""
     import aiohttp
 
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s,
-        s.get(url) as r,
+        s.get(base + HEALTH) as r,
     ):
         try:
             body = await r.json()
@@ -52,7 +52,7 @@ async def wait_healthy(base: str, server: ServerProcess | None, timeout: float =
         if server is not None and server.exited:
             raise SystemExit(server.failure(f"the server bench started exited with code {server.returncode}"))
         try:
-            status, body = await get_json(base + HEALTH)
+            status, body = await get_health(base)
         except NotPulmoMedServer as exc:
             raise SystemExit(f"{base} is not a PulmoMed Edge server (GET {HEALTH} answered {exc})") from None
         except TimeoutError:
@@ -158,9 +158,10 @@ class RssSampler:
         if self.pid:
             self._task = asyncio.create_task(self._loop())
 
-    async def stop(self) -> int:
+    async def stop(self) -> float | None:
+        """The peak in MB (None when nothing was sampled), as the reports give it."""
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        return self.peak
+        return round(self.peak / 2**20, 1) if self.peak else None

@@ -22,7 +22,6 @@ _STATES = {
     "loading": "Cargando…",
     "failed": "Falla",
     "stalled": "Atascado",
-    "pending": "Pendiente",
 }
 LOOPBACK_WARNING = (
     "Solo escucha en este portátil: los visores no pueden conectarse. Arranca con "
