@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import math
-import socket
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_api import API, post
 
+from pulmomed_edge.bench_server import free_port
 from pulmomed_edge.canonical import canonicalize, patient_stage, retrieval_queries
 from pulmomed_edge.http import routes
 from pulmomed_edge.http.middlewares import MalformedHttpFilter
@@ -235,9 +235,7 @@ async def test_the_served_process_frees_the_slot_of_a_headset_that_disconnects(s
     """`pulmomed-edge serve` as a teacher starts it (the test server cancels handlers of lost
     connections on its own; the CLI's server did not, so an abandoned JSON request ran to the end
     and an abandoned stream held its slot until the next heartbeat)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = cli_env(settings, tmp_path, PULMOMED_BUDGET_S="120", PULMOMED_BACKFILL="0")
     cmd = [sys.executable, "-m", "pulmomed_edge", "serve", "--test-models", "--host", "127.0.0.1"]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
