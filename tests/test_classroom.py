@@ -570,6 +570,8 @@ async def test_a_student_who_asks_the_backfilled_state_joins_and_promotes_it(set
         assert status == 200 and first["llm_model"] == "fallback-busy"
         await _until(lambda: teacher.backfill_stats()["running"] == 1, "the backfill to start", step=0.01)
         backfill = next(f for f in teacher._flights.values() if f.backfill)
+        # registered first, submitted a moment later
+        await _until(lambda: backfill.task is not None, "the backfill to reach the engine", step=0.01)
         # a student who joins and leaves: the backfill takes their deadline, then drops it and
         # goes on as background work (it used to stay a student's task until that deadline)
         events = teacher.stream(parse_state(busy_state, teacher.library.ids))
