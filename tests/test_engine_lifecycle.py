@@ -22,6 +22,8 @@ from pulmomed_edge.engine.chat import ChatTemplate
 from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
 from pulmomed_edge.prompts import ANSWER_GRAMMAR, EXPLANATION_LABEL, SYSTEM_PROMPT
 
+# an answer that can only stop at max_new_tokens (the grammar never allows the end of text)
+NEVER_ENDS = "root ::= [a-z ] root"
 # a guard against hanging the suite, not a speed target: events normally come within a second
 HANG_S = 120
 
@@ -94,3 +96,61 @@ def test_an_empty_prompt_is_refused_at_submit(engine, runtime):
     with pytest.raises(ValueError, match="empty prompt"):
         engine.submit(task)  # accepted, it spun the worker forever without an event
     assert engine.running and engine.idle
+
+
+@pytest.fixture
+def small_cache_engine(models_dir: Path):
+    """Two slots on a context sized by hand (PULMOMED_N_CTX) far too small for them: 256 cells."""
+    from pulmomed_edge.model_store import ModelStore
+
+    store = ModelStore(models_dir, manifest_path())
+    path = store.verify(store.default_name("llm", test=True))
+    rt = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=256, n_seq=2, n_threads=1))
+    engine = GenerationEngine(rt, slots=2, parked=0, max_context_per_slot=256)
+    engine.start()
+    yield engine
+    engine.stop()
+    rt.close()
+
+
+OPENINGS = ("Primero:", "Segundo:")
+
+
+def _submit_long(engine: GenerationEngine, case: int, *, prompt_tokens: int, new_tokens: int):
+    text = "El paciente fumador tiene un tumor de pulmón en estadio IIIA y recibe quimioterapia. " * 12
+    sink: queue.Queue = queue.Queue()
+    engine.submit(
+        GenerationTask(
+            # prompts that differ from their first token: nothing to reuse, a slot of its own
+            prompt=engine.rt.tokenize(f"{OPENINGS[case]} {text}")[:prompt_tokens],
+            sink=sink.put,
+            grammar=NEVER_ENDS,
+            params=SamplingParams(temperature=0.0),
+            max_new_tokens=new_tokens,
+        )
+    )
+    return sink
+
+
+def test_a_full_cache_fails_the_youngest_answer_not_every_one(small_cache_engine):
+    """Two answers writing together outgrow the cache: the newer one gives its cells up and the
+    older one ends normally (both used to fail in the same call)."""
+    engine = small_cache_engine
+    # ~100 prompt tokens each: both prompts fit, both answers do not
+    first = _submit_long(engine, 0, prompt_tokens=100, new_tokens=90)
+    second = _submit_long(engine, 1, prompt_tokens=100, new_tokens=90)
+    older, younger = _final(first), _final(second)
+    assert isinstance(younger, ErrorEvent) and "memoria de contexto llena" in younger.message
+    assert isinstance(older, DoneEvent) and older.finish == "length" and older.new_tokens == 90
+    assert engine.running and engine.counters["errors"] == 1
+
+
+def test_a_full_cache_takes_the_cells_idle_slots_keep(small_cache_engine):
+    """A finished answer's slot keeps its cells for prefix reuse; a new prompt that needs them
+    gets them (it used to fail)."""
+    engine = small_cache_engine
+    done = _final(_submit_long(engine, 0, prompt_tokens=150, new_tokens=10))
+    assert isinstance(done, DoneEvent) and max(len(s.kv_tokens) for s in engine.slots) >= 150
+    other = _final(_submit_long(engine, 1, prompt_tokens=150, new_tokens=10))  # 300 > 256 cells
+    assert isinstance(other, DoneEvent) and other.new_tokens == 10
+    assert engine.counters["errors"] == 0 and engine.memory_mismatches() == []

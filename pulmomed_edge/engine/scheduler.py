@@ -622,7 +622,11 @@ class GenerationEngine:
             in_prompt = sum(n for slot, n in parts if slot.in_prompt)
             started = time.monotonic()
             rc = self.rt.decode(entries)
-            if rc == 1 and self._unpark_all():  # no room left in the cache: parked prompts make it
+            # no room left in the cache (llama.cpp changed nothing): parked prompts make room,
+            # then paused background answers and what idle slots keep
+            if rc == 1 and self._unpark_all():
+                rc = self.rt.decode(entries)
+            if rc == 1 and self._forget_idle(keep=[slot for slot, _, _ in owners]):
                 rc = self.rt.decode(entries)
             seconds = time.monotonic() - started
             if in_prompt:
@@ -635,10 +639,19 @@ class GenerationEngine:
             else:
                 self.step_cost.observe(len(entries), seconds)
             decode_rows += len(entries) - in_prompt
+            if rc == 1:
+                # still full: the youngest task in the call gives its cells up, the others try
+                # again next step (the oldest answers are the nearest to done)
+                youngest = max(owners, key=lambda o: o[0].task.submitted if o[0].task else 0.0)[0]
+                log.error(
+                    "KV cache full for %d tokens: the youngest of %d tasks fails", len(entries), len(owners)
+                )
+                self._fail(youngest, "El modelo no pudo procesar la solicitud (memoria de contexto llena).")
+                return
             if rc != 0:
                 log.error("llama_decode returned %s for %d tokens", rc, len(entries))
                 for slot, _, _ in owners:
-                    self._fail(slot, "El modelo no pudo procesar la solicitud (memoria de contexto llena).")
+                    self._fail(slot, "El modelo no pudo procesar la solicitud.")
                 return
             for slot, first, n in owners:
                 slot.kv_tokens.extend(slot.pending[:n])
@@ -880,6 +893,25 @@ class GenerationEngine:
         if held:
             log.warning("KV cache full: %d parked prompts released", len(held))
         return bool(held)
+
+    def _forget_idle(self, keep: list[_Slot]) -> bool:
+        """Give up the cells of every slot but `keep`'s that no student waits on: background
+        answers paused for a student in `keep` end "preempted", idle slots forget the prefixes they keep for
+        reuse (and so do parked prompts, which the first two may have refilled). Whether any
+        cells were released."""
+        student_waits = any(slot.live for slot in keep)
+        for slot in self.slots:
+            if student_waits and slot.busy and not slot.live and slot not in keep:
+                self.counters["preempted"] += 1
+                self._finish(slot, "preempted")
+        idle = [slot for slot in self.slots if not slot.busy and slot.kv_tokens]
+        for slot in idle:
+            self.rt.seq_rm(slot.seq, -1, -1)
+            slot.kv_tokens, slot.prompt_len = [], 0
+        released = self._unpark_all() or bool(idle)
+        if idle:
+            log.warning("KV cache full: %d idle slots' cells released", len(idle))
+        return released
 
     def _fail(self, slot: _Slot, message: str) -> None:
         task = slot.task
