@@ -66,7 +66,16 @@ def _parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="build the knowledge index").add_subparsers()
     build = index.add_parser("build", help="embed the corpus (and lab documents) into the index")
-    build.add_argument("--corpus", type=Path, default=CORPUS_DIR)
+    corpus = build.add_mutually_exclusive_group()
+    corpus.add_argument(
+        "--corpus",
+        type=Path,
+        help="a folder of *.jsonl passages instead of the shipped corpus; "
+        "recorded in the index and used again by a build without --corpus",
+    )
+    corpus.add_argument(
+        "--shipped-corpus", action="store_true", help="build from the shipped corpus, not the one recorded"
+    )
     lab = build.add_mutually_exclusive_group()
     lab.add_argument(
         "--add",
@@ -244,12 +253,12 @@ def _index_build(args: argparse.Namespace) -> int:
     from .index import KnowledgeIndex, damage, stale_reason
 
     settings = Settings.from_env()
-    passages = load_corpus(args.corpus)
     try:
+        corpus_dir, corpus = _corpus_to_index(args, settings.index_dir)
         folders, dropped = _lab_folders_to_index(args, settings.index_dir)
     except CorpusError as exc:
-        # before class (`make run`), a lab folder on a stick that is not plugged in must not stop
-        # the teacher: the current index still holds its documents
+        # before class (`make run`), a lab folder (or corpus) on a stick that is not plugged in
+        # must not stop the teacher: the current index still holds its documents
         if not args.if_stale or damage(settings.index_dir) is not None:
             raise
         _warn(
@@ -257,6 +266,7 @@ def _index_build(args: argparse.Namespace) -> int:
             f"{exc.mensaje}; se mantiene el índice actual, que aún los contiene",
         )
         return 0
+    passages = load_corpus(corpus_dir)
     labs = read_lab_folders(folders, taken_ids={p.id for p in passages})
     _report_lab_folders(labs)
     if dropped:
@@ -272,13 +282,59 @@ def _index_build(args: argparse.Namespace) -> int:
                 return 0
             print(f"rebuilding the index ({reason})")
         index = KnowledgeIndex.build(
-            passages, encoder, settings.index_dir, encoder_sha256=sha, lab_documents=lab_documents
+            passages,
+            encoder,
+            settings.index_dir,
+            encoder_sha256=sha,
+            lab_documents=lab_documents,
+            corpus=corpus,
         )
         print(f"built {settings.index_dir}: {len(index)} passages, id {index.index_id}")
         index.close()
     finally:
         encoder.close()
     return 0
+
+
+def _corpus_to_index(args: argparse.Namespace, index_dir: Path) -> tuple[Path, str | None]:
+    """(the corpus folder to build from, what the index records of it: None for the shipped one):
+    --corpus's, --shipped-corpus', or else the one the current index recorded, so a build without
+    --corpus (`make run`) does not silently go back to the shipped passages."""
+    from .errors import CorpusError, KnowledgeIndexError
+    from .index import recorded_corpus
+
+    def recorded_as(folder: Path) -> str | None:
+        folder = folder.expanduser().resolve()
+        return None if folder == CORPUS_DIR.resolve() else str(folder)
+
+    if args.corpus is not None:
+        return args.corpus, recorded_as(args.corpus)
+    if args.shipped_corpus:
+        return CORPUS_DIR, None
+    try:
+        recorded = recorded_corpus(index_dir)
+    except KnowledgeIndexError as exc:
+        _warn(
+            f"{exc.message}: the corpus it was built from is unknown; building from the shipped "
+            "corpus (give another with --corpus)",
+            f"{exc.mensaje}: no se sabe de qué corpus se construyó; se usa el corpus incluido "
+            "(indique otro con --corpus)",
+        )
+        return CORPUS_DIR, None
+    if recorded is None:
+        return CORPUS_DIR, None
+    print(
+        f"corpus: reusing the corpus recorded in the index, {recorded} "
+        "(--corpus DIR to choose another, --shipped-corpus for the shipped one)"
+    )
+    if not Path(recorded).is_dir():
+        raise CorpusError(
+            f"La carpeta del corpus registrada en el índice ya no existe: {recorded}",
+            f"the corpus folder recorded in the index no longer exists: {recorded}",
+            "give the corpus again (pulmomed-edge index build --corpus DIR), "
+            "or build from the shipped one: pulmomed-edge index build --shipped-corpus",
+        )
+    return Path(recorded), recorded
 
 
 def _lab_folders_to_index(args: argparse.Namespace, index_dir: Path) -> tuple[list[Path], list[Path]]:

@@ -102,11 +102,13 @@ class KnowledgeIndex:
         M: int = 16,  # hnswlib's own name for the graph degree
         batch_size: int = 32,
         lab_documents: Sequence[str] = (),
+        corpus: str | None = None,
     ) -> KnowledgeIndex:
         """Embed `passages`, write a complete index into `out_dir` atomically, and return it loaded.
 
-        `lab_documents` (absolute folder paths) is recorded in the manifest, so a later build
-        without `--add` can include the same folders again.
+        `lab_documents` (absolute folder paths) and `corpus` (the corpus folder when it is not the
+        shipped one) are recorded in the manifest, so a later build without `--add` or `--corpus`
+        uses the same sources again.
         """
         import hnswlib
 
@@ -136,6 +138,7 @@ class KnowledgeIndex:
                 "corpus_hash": corpus_sha,
                 "params": params,
                 "lab_documents": [str(folder) for folder in lab_documents],
+                "corpus": corpus,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             _write_index(tmp, hnsw, passages, manifest, out_dir)
@@ -221,23 +224,36 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def recorded_lab_documents(index_dir: str | Path) -> list[str]:
-    """The lab folders the index at `index_dir` was built with ([] when none or no index).
-
-    Read from the manifest alone, so a damaged index.bin or passages.jsonl still tells which
-    folders to rebuild it with; raises KnowledgeIndexError only when the manifest is unreadable.
-    """
+def _recorded(index_dir: str | Path) -> tuple[Path, dict]:
+    """The manifest at `index_dir` as far as it parses ({} when there is no index), read alone so
+    that a damaged index.bin or passages.jsonl still tells which sources to rebuild it from;
+    raises KnowledgeIndexError only when the manifest is unreadable."""
     path = Path(index_dir) / MANIFEST_FILE
     if not path.is_file():
-        return []
+        return path, {}
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _broken("El manifiesto del índice está dañado", f"{path} is not valid JSON: {exc}") from exc
-    folders = manifest.get("lab_documents", []) if isinstance(manifest, dict) else []
+    return path, manifest if isinstance(manifest, dict) else {}
+
+
+def recorded_lab_documents(index_dir: str | Path) -> list[str]:
+    """The lab folders the index at `index_dir` was built with ([] when none or no index)."""
+    path, manifest = _recorded(index_dir)
+    folders = manifest.get("lab_documents", [])
     if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
         raise _broken("El manifiesto del índice está dañado", f"{path}: lab_documents is not a list of paths")
     return folders
+
+
+def recorded_corpus(index_dir: str | Path) -> str | None:
+    """The corpus folder the index at `index_dir` was built from, when it was not the shipped one."""
+    path, manifest = _recorded(index_dir)
+    corpus = manifest.get("corpus")
+    if corpus is not None and not isinstance(corpus, str):
+        raise _broken("El manifiesto del índice está dañado", f"{path}: corpus is not a path")
+    return corpus
 
 
 def stale_reason(

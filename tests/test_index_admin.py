@@ -43,9 +43,14 @@ def admin(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, cap
 
     class Admin:
         index = index_dir
+        corpus_dir = corpus
 
         def build(self, *args: str) -> tuple[int, str, str]:
-            code = main(["index", "build", "--corpus", str(corpus), *args])
+            return self.build_bare("--corpus", str(corpus), *args)
+
+        def build_bare(self, *args: str) -> tuple[int, str, str]:
+            """Without --corpus: the one recorded, or the shipped one."""
+            code = main(["index", "build", *args])
             out, err = capsys.readouterr()
             return code, out, err
 
@@ -123,6 +128,37 @@ def test_add_chooses_the_folders_and_says_which_recorded_ones_it_drops(admin, tm
     assert code == 0 and f"no longer in the index: {first}" in out
     assert admin.manifest()["lab_documents"] == [str(second)]
     assert [i for i in admin.ids() if i.startswith("doc-")] == ["doc-otra-1"]
+
+
+def test_a_custom_corpus_is_recorded_and_used_again_by_a_build_without_corpus(admin, tmp_path, monkeypatch):
+    from pulmomed_edge import cli
+
+    assert admin.build()[0] == 0
+    assert admin.manifest()["corpus"] == str(admin.corpus_dir.resolve())
+    code, out, _ = admin.build_bare("--if-stale")  # `make run`: it used to rebuild from the shipped one
+    assert code == 0 and "reusing the corpus recorded" in out and "index up to date" in out
+    assert admin.ids() == ["c-0", "c-1", "c-2"]
+
+    one = {"id": "s-0", "titulo": "T", "fuente": "F", "temas": [], "texto": "Pasaje incluido."}
+    shipped = _folder(tmp_path, "shipped", {"s.jsonl": json.dumps(one) + "\n"})
+    monkeypatch.setattr(cli, "CORPUS_DIR", shipped)  # the shipped corpus, small for the test
+    code, out, _ = admin.build_bare("--shipped-corpus")
+    assert code == 0 and admin.ids() == ["s-0"] and admin.manifest()["corpus"] is None
+    code, out, _ = admin.build_bare("--if-stale")  # nothing recorded: the shipped one, as before
+    assert code == 0 and "index up to date" in out and "reusing" not in out
+    assert admin.build_bare("--corpus", str(shipped))[0] == 0
+    assert admin.manifest()["corpus"] is None  # named by hand, still the shipped one
+
+
+def test_a_recorded_corpus_that_is_gone_keeps_the_index_before_class_and_says_how_to_go_on(admin, tmp_path):
+    moved = tmp_path / "corpus-copy"
+    shutil.copytree(admin.corpus_dir, moved)
+    assert admin.build_bare("--corpus", str(moved))[0] == 0
+    shutil.rmtree(moved)
+    code, _, err = admin.build_bare("--if-stale")
+    assert code == 0 and "keeping the current index" in err and str(moved) in err
+    code, _, err = admin.build_bare()
+    assert code == 1 and str(moved) in err and "--shipped-corpus" in err and "Traceback" not in err
 
 
 # --- 2. clear messages instead of tracebacks ---------------------------------------------------
