@@ -34,6 +34,8 @@ class Component:
     detail: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     fix: str | None = None
+    # who can act, in Spanish, for the teacher (fix is then the lab admin's command line)
+    solucion: str | None = None
 
     def fail(self, exc: BaseException) -> None:
         self.status = "failed"
@@ -42,6 +44,7 @@ class Component:
             self.fix = exc.fix or None
         else:
             self.error = f"{type(exc).__name__}: {exc}"
+        self.solucion = ADMIN_FIX if self.fix else ADMIN_LOG
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.status, **self.detail}
@@ -49,7 +52,14 @@ class Component:
             out["error"] = self.error
         if self.fix:
             out["fix"] = self.fix
+        if self.solucion:
+            out["solucion"] = self.solucion
         return out
+
+
+# what the teacher reads beside a fault they cannot fix from the page
+ADMIN_FIX = "Avise a quien administra este portátil: la orden que lo arregla es la de abajo."
+ADMIN_LOG = "Avise a quien administra este portátil: los detalles están en el registro del servidor."
 
 
 @dataclass
@@ -83,10 +93,10 @@ class ServerState:
                 f"El motor de generación se detuvo ({engine.failure}): los alumnos reciben el resumen "
                 f"de las fuentes. / The generation engine stopped: {engine.failure}"
             )
-            # the teacher can do this one: say it in Spanish first
+            # the teacher can do this one
+            llm.solucion = "Reinicia PulmoMed Edge (ciérralo y vuelve a abrirlo)."
             llm.fix = (
-                "reinicia PulmoMed Edge (ciérralo y vuelve a abrirlo) / restart PulmoMed Edge (close it "
-                f"and start it again); details in {self.settings.log_file}"
+                f"restart PulmoMed Edge (close it and start it again); details in {self.settings.log_file}"
             )
             return
         stalled = engine.stalled_s()
@@ -97,12 +107,13 @@ class ServerState:
                 f"reciben el resumen de las fuentes. / The generation engine has been stuck for "
                 f"{stalled:.0f} s."
             )
+            llm.solucion = "Espera un minuto; si sigue atascado, reinicia PulmoMed Edge."
             llm.fix = (
-                "espera un minuto; si sigue atascado, reinicia PulmoMed Edge / wait a minute; if it "
-                f"stays stalled, restart PulmoMed Edge (details in {self.settings.log_file})"
+                "wait a minute; if it stays stalled, restart PulmoMed Edge "
+                f"(details in {self.settings.log_file})"
             )
         elif llm.status == "stalled":
-            llm.status, llm.error, llm.fix = "ready", None, None
+            llm.status, llm.error, llm.fix, llm.solucion = "ready", None, None, None
 
     @property
     def status(self) -> str:

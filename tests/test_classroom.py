@@ -886,7 +886,7 @@ async def test_a_stuck_engine_is_reported_and_students_get_the_summary_at_once(s
             assert status == 503 and report["status"] == "degraded"
             llm = report["components"]["llm"]
             assert llm["status"] == "stalled" and "sin terminar un paso" in llm["error"]
-            assert "reinicia PulmoMed Edge" in llm["fix"] and "restart PulmoMed Edge" in llm["fix"]
+            assert "reinicia PulmoMed Edge" in llm["solucion"] and "restart PulmoMed Edge" in llm["fix"]
             started = time.monotonic()
             status, body = await post(served, {"age": 45, "pack_years": 5, "sensitive_tumor_volume": 2.2})
             assert status == 200 and body["llm_model"] == "fallback-unavailable"
@@ -927,5 +927,6 @@ async def test_an_engine_whose_worker_died_is_reported_failed_and_students_still
         llm = report["components"]["llm"]
         assert llm["status"] == "failed" and "consumer broke" in llm["error"]
         assert "se detuvo" in llm["error"] and "restart PulmoMed Edge" in llm["fix"]
+        assert llm["solucion"].startswith("Reinicia PulmoMed Edge")
         status, body = await post(served, {"age": 46, "pack_years": 5, "sensitive_tumor_volume": 2.2})
         assert status == 200 and body["llm_model"] == "fallback-unavailable" and body["fuentes"]

@@ -78,6 +78,11 @@ async def test_corrupt_index_is_named_with_its_fix(settings, tmp_path):
         assert status == 503 and report["status"] == "degraded"
         assert report["components"]["index"]["status"] == "failed"
         assert "pulmomed-edge index build" in report["components"]["index"]["fix"]
+        # the teacher is told, in Spanish, who can run that command
+        assert "administra este portátil" in report["components"]["index"]["solucion"]
+        async with session.get(server.make_url("/")) as resp:
+            page = await resp.text()
+        assert "Solución: Avise a quien administra" in page and "<code>pulmomed-edge index build" in page
         async with session.post(server.make_url("/api/v1/consultar_profesor"), json=SEED) as resp:
             body = await resp.json()
         assert resp.status == 503 and "componentes" in body

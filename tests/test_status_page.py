@@ -36,7 +36,7 @@ def test_a_server_on_this_laptop_only_says_headsets_cannot_reach_it():
 def test_degraded_says_whether_headsets_get_answers_and_states_are_spanish():
     page = render_status_page(_health("degraded", index="Índice dañado"), "0.0.0.0", 8000)
     assert "NO recibirán respuestas" in page and "Falla" in page
-    assert "haz &lt;esto&gt; &amp; aquello" in page  # escaped
+    assert "Solución: <code>haz &lt;esto&gt; &amp; aquello</code>" in page  # escaped
     page = render_status_page(_health("degraded", llm="Modelo incompleto"), "0.0.0.0", 8000)
     assert "respuestas resumidas de las fuentes" in page
     healthy = render_status_page(_health(), "0.0.0.0", 8000)

@@ -36,6 +36,16 @@ _COMPONENT_NAMES = {
 }
 
 
+def _way_out(comp: dict) -> str:
+    """What to do about a fault: in Spanish for the teacher (who can act), then the lab admin's
+    command line (English, as the console and the log say it)."""
+    solucion, fix = comp.get("solucion", ""), comp.get("fix", "")
+    out = f"<br>Solución: {html.escape(solucion)}" if solucion else ""
+    if fix:
+        out += f"<br>{'' if solucion else 'Solución: '}<code>{html.escape(fix)}</code>"
+    return out
+
+
 def render_status_page(health: dict[str, Any], host: str, port: int) -> str:
     """The page for a server bound to `host`:`port` (the port it really listens on)."""
     label, colour = _LABELS.get(health["status"], (health["status"], "#555"))
@@ -48,12 +58,10 @@ def render_status_page(health: dict[str, Any], host: str, port: int) -> str:
     for key, comp in components.items():
         status = comp.get("status", "?")
         problem = comp.get("error", "")
-        fix = comp.get("fix", "")
         rows.append(
             f"<tr><td>{html.escape(_COMPONENT_NAMES.get(key, key))}</td>"
             f"<td>{html.escape(_STATES.get(status, status))}</td>"
-            f"<td>{html.escape(_detail(key, comp))}</td><td>{html.escape(problem)}"
-            f"{'<br>Solución: <code>' + html.escape(fix) + '</code>' if fix else ''}</td></tr>"
+            f"<td>{html.escape(_detail(key, comp))}</td><td>{html.escape(problem)}{_way_out(comp)}</td></tr>"
         )
     if is_loopback_host(host):
         url_items = f"<li><strong>{html.escape(LOOPBACK_WARNING)}</strong></li>"
