@@ -16,6 +16,7 @@ log = logging.getLogger("pulmomed_edge")
 
 
 def main(argv: list[str] | None = None) -> int:
+    _tolerant_output()
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -28,6 +29,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _tolerant_output() -> None:
+    """Output redirected to a file on Windows is written in the ANSI code page (cp1252), which has
+    no '≈' or '→' (passages and lab documents may): such a character is replaced, instead of a
+    UnicodeEncodeError stopping the command."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def _explain(exc: PulmoMedError) -> str:
@@ -93,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="search the knowledge base as the teacher does")
     search.add_argument("query")
-    search.add_argument("-k", type=int, default=5)
+    search.add_argument("-k", type=_positive, default=5, help="how many passages (1 or more)")
     search.set_defaults(func=_search)
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers()

@@ -53,11 +53,18 @@ async def test_bad_search_parameter_is_422_naming_it(served, params, campo):
     assert [d["campo"] for d in body["detalles"]] == [campo]
 
 
-def _cli(settings, *args: str, index_dir: Path | None = None) -> subprocess.CompletedProcess:
+def _cli(
+    settings, *args: str, index_dir: Path | None = None, encoding: str = "utf-8", **more_env: str
+) -> subprocess.CompletedProcess:
     index = index_dir or settings.index_dir
     env = dict(os.environ, PULMOMED_MODELS_DIR=str(settings.models_dir), PULMOMED_INDEX_DIR=str(index))
+    env.update(more_env)
     return subprocess.run(
-        [sys.executable, "-m", "pulmomed_edge", *args], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "pulmomed_edge", *args],
+        env=env,
+        capture_output=True,
+        encoding=encoding,
+        timeout=300,
     )
 
 
@@ -66,6 +73,22 @@ def test_cli_search_prints_the_ranking(settings):
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln[:2] in ("1.", "2.")]
     assert len(lines) == 2 and "ECOG" in proc.stdout
+
+
+def test_cli_search_output_in_a_windows_code_page_replaces_what_it_cannot_write(settings):
+    """Redirected on Windows, output is cp1252: a passage's '≈' stopped the command with a
+    UnicodeEncodeError."""
+    proc = _cli(
+        settings, "search", "del volumen al diámetro", "-k", "3", encoding="cp1252", PYTHONIOENCODING="cp1252"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "diámetro" in proc.stdout
+
+
+@pytest.mark.parametrize("k", ["0", "-1"])
+def test_cli_search_refuses_a_count_below_one(settings, k):
+    proc = _cli(settings, "search", "ecog", "-k", k)
+    assert proc.returncode == 2 and "must be 1 or more" in proc.stderr
 
 
 def test_cli_eval_retrieval_prints_hit_rates(settings):
