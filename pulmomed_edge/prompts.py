@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from .canonical import DIET_NAMES, LUNG_STATE_NAMES, CanonicalState, smoking_phrase, treatment_phrase
+from .canonical import LUNG_STATE_NAMES, CanonicalState, smoking_phrase, treatment_phrase
 from .cases import LibraryCase
 
 SYSTEM_PROMPT = (
@@ -80,21 +80,28 @@ def user_message(passages: list[PromptPassage], state: CanonicalState, case: Lib
         # the case's facts arrive as its retrieved passage; here only what to teach
         goals = "; ".join(case.objetivos_aprendizaje[:CASE_GOALS])
         parts.append(f"Objetivo del caso: {goals}.")
-    # a library case's stage is in its passage (a metastatic case can have a small primary, and
-    # the volume bands of the contract would then name a wrong stage)
-    patient = [] if case is not None else [f"estadio aproximado {state.stage}"]
-    patient += [
-        treatment_phrase(state),
-        f"células resistentes {state.resistant_band}",
-        f"{state.age_band} años",
-        smoking_phrase(state),
-    ]
-    if state.diet != "normal":
-        patient.append(f"dieta {DIET_NAMES[state.diet]}")
-    if state.lung_state:
-        patient.append(f"estado pulmonar {LUNG_STATE_NAMES[state.lung_state]}")
-    parts.append("Paciente: " + "; ".join(patient) + ".")
+    parts.append(patient_line(state, case))
     return "\n".join(parts)
+
+
+def patient_line(state: CanonicalState, case: LibraryCase | None) -> str:
+    """The student's patient in plain Spanish, most shared first (stage, treatment, resistance,
+    then age and smoking). Plain words, because the model copies what it reads: a list of labels
+    came back as "la célula resistentes es 0 %". A library case's stage is its own (a metastatic
+    case can have a small primary, which the volume bands would stage wrongly), and its passage,
+    tightened to its first sentence, does not say it. Diet stays out: guidelines say nothing of
+    it, and it only drew invented diet advice."""
+    stage = f"estadio del caso: {case.estadio}" if case is not None else f"estadio aproximado {state.stage}"
+    facts = [stage, treatment_phrase(state), _resistance(state.resistant_band)]
+    facts += [f"edad {state.age_band} años", smoking_phrase(state)]
+    if state.lung_state:
+        facts.append(f"estado pulmonar {LUNG_STATE_NAMES[state.lung_state]}")
+    return "Paciente: " + "; ".join(facts) + "."
+
+
+def _resistance(band: str) -> str:
+    """'sin células resistentes', or how large a share of the tumour they are."""
+    return "sin células resistentes" if band == "0 %" else f"células resistentes: {band} del tumor"
 
 
 class ChatRenderer(Protocol):

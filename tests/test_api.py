@@ -443,6 +443,9 @@ async def test_a_library_case_prompt_takes_its_stage_from_the_case_not_the_volum
     text = _render(teacher, prepared)
     assert "estadio aproximado" not in text
     assert case.caso_id in prepared.passages[0].texto
+    # the case passage reaches the prompt tightened to its first sentence, which does not say the
+    # stage: the patient line does (the model contradicted SEER_007's stage IV with "IB")
+    assert f"Paciente: estadio del caso: {case.estadio};" in text
 
 
 def _render(teacher, prepared) -> str:

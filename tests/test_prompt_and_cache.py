@@ -106,3 +106,16 @@ def test_cache_size_zero_disables_it():
     cache: ResponseCache[str] = ResponseCache(0, 10.0)
     cache.put("a", "A")
     assert cache.get("a") is None
+
+
+def test_the_patient_line_is_plain_spanish_without_diet():
+    """The model copies the patient line: labels such as "células resistentes 0 %" came back as
+    "la célula resistentes es 0 %", and "dieta mala" drew invented diet advice."""
+    from pulmomed_edge.prompts import patient_line
+
+    none = canonicalize(state(edad=64, volumen_tumor_sensible=20.0, dieta="mala"))
+    line = patient_line(none, None)
+    assert line.startswith("Paciente: estadio aproximado ") and "sin células resistentes" in line
+    assert "dieta" not in line and "edad 60-69 años" in line
+    some = canonicalize(state(edad=64, volumen_tumor_sensible=20.0, volumen_tumor_resistente=5.0))
+    assert "células resistentes: 10-30 % del tumor" in patient_line(some, None)
