@@ -11,8 +11,10 @@ words passes (function words and discourse verbs are ignored), which is why the 
 sentence and needs two new terms, not one.
 
 This catches invention, not every error: a sentence built from the sources' own words can still
-misapply them (an adjuvant treatment for a case that does not need it). One such error is checked
-on its own: a sentence that puts the patient in a stage other than theirs (`misstates_stage`).
+misapply them (an adjuvant treatment for a case that does not need it). Two such errors are
+checked on their own: a sentence that puts the patient in a stage other than theirs
+(`misstates_stage`), and one that turns the simulator's resistance model around
+(`inverts_resistance`).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def unsupported(
 ) -> bool:
     """Whether the sentence is withheld: it brings enough terms of its own, or it gives the patient
     a stage other than `stage` (misstates_stage)."""
-    if misstates_stage(sentence, stage):
+    if misstates_stage(sentence, stage) or inverts_resistance(sentence):
         return True
     novel = len(novel_terms(sentence, support))
     return novel >= max_novel and novel >= MIN_NOVEL_SHARE * len(set(terms(sentence)))
@@ -89,7 +91,10 @@ def unsupported(
 _ROMAN_STAGE = r"(IV|I{1,3})([ABC])?(?![A-Za-z])"
 _STAGE_MENTION = re.compile(r"\b[Ee]stadios?\s+" + _ROMAN_STAGE)
 _STAGE = re.compile(r"(?<![A-Za-z])" + _ROMAN_STAGE)
-_ONE_PATIENT = re.compile(r"\b(?:paciente|enfermo|enferma)\b", re.IGNORECASE)
+# one patient, or their tumour ("el tumor en estadio IB…" is as much about them)
+_ONE_PATIENT = re.compile(r"\b(?:paciente|enfermo|enferma|(?:el|su|este)\s+tumor)\b", re.IGNORECASE)
+# words that speak of a case's past (an operated earlier stage)
+_HISTORY = re.compile(r"\b(?:operad[oa]|cirug[ií]a|resecad[oa]|resecci[oó]n|reca[ií]d[ao])", re.IGNORECASE)
 
 
 def misstates_stage(sentence: str, stage: str | None) -> bool:
@@ -97,13 +102,15 @@ def misstates_stage(sentence: str, stage: str | None) -> bool:
 
     Every word of "El paciente se encuentra en el estadio IV" is in the passages a stage IIB
     student is shown, so the term check lets it through; the small model writes such sentences.
-    A sentence that speaks of one patient (not of "pacientes" in general, as trials do) and names
-    a stage must name one of the patient's: the same group (I, II, III, IV), and the same letter
-    when both give one. `stage` may name more than one ("IV (recaída de un IB operado)"); "IIIA+"
-    (T4 or more advanced, the API's volume bands) takes III and IV. None: nothing to check."""
+    A sentence that speaks of one patient or their tumour (not of "pacientes" in general, as
+    trials do) and names a stage must name one of the patient's: the same group (I, II, III, IV),
+    and the same letter when both give one. `stage` may name an earlier one too ("IV (recaída de
+    un IB operado)"): that one only in a sentence about the case's history (operated, relapse);
+    "El tumor en estadio IB…" for this patient is wrong. "IIIA+" (T4 or more advanced, the API's
+    volume bands) takes III and IV. None: nothing to check."""
     if not stage or not _ONE_PATIENT.search(sentence):
         return False
-    own = _STAGE.findall(stage)
+    own = _STAGE.findall(stage if _HISTORY.search(sentence) else stage.split("(")[0])
     if not own:
         return False
     open_ended = stage.split(" ")[0].endswith("+")
@@ -114,6 +121,27 @@ def misstates_stage(sentence: str, stage: str | None) -> bool:
         return any(group == g and (not letter or not lt or letter == lt) for g, lt in own)
 
     return not all(theirs(group, letter) for group, letter in _STAGE_MENTION.findall(sentence))
+
+
+# resistant cells said to respond (the very thing they do not do), unless denied
+_RESPONDING = re.compile(r"\bresistentes?\b.*\brespond|\brespond.*\bresistentes?\b", re.IGNORECASE)
+_DENIED = re.compile(r"\b(?:no|ni|sin|nunca|apenas)\b", re.IGNORECASE)
+# a treatment given to raise or remove the resistant clones (it removes the sensitive ones; the
+# resistant ones are what survives it)
+_AIMED_AT_RESISTANCE = re.compile(
+    r"\bpara\s+(?:aumentar|eliminar|destruir)\s+(?:el\s+número\s+de\s+|las\s+|los\s+)?"
+    r"(?:células|clones)\s+resistentes\b",
+    re.IGNORECASE,
+)
+
+
+def inverts_resistance(sentence: str) -> bool:
+    """Whether a sentence turns the simulator's resistance model around: resistant cells that
+    respond to treatment, or a treatment given to raise or to remove them. Built from the
+    passages' own words, such sentences pass the term check, and the small model writes them
+    ("Los clones resistentes son los clones de las células que responden a la radioterapia")."""
+    responding = _RESPONDING.search(sentence) and not _DENIED.search(sentence)
+    return bool(responding or _AIMED_AT_RESISTANCE.search(sentence))
 
 
 class SentenceGate:

@@ -7,6 +7,7 @@ from pulmomed_edge.corpus import load_corpus
 from pulmomed_edge.grounding import (
     SentenceGate,
     ground_sections,
+    inverts_resistance,
     misstates_stage,
     novel_terms,
     support_of,
@@ -152,6 +153,17 @@ def test_sentence_gate_streams_whole_checked_sentences_only(esophagitis):
             False,
         ),
         ("El paciente está en estadio IIA.", "IV (recaída a distancia de un IB operado)", True),
+        # the earlier stage only of the case's history (a real answer to SEER_007 said this)
+        ("El paciente está en estadio IB.", "IV (recaída a distancia de un IB operado)", True),
+        (
+            "El tumor en estadio IB se describe con dos poblaciones.",
+            "IV (recaída a distancia de un IB operado)",
+            True,
+        ),
+        ("El tumor está en estadio IV.", "IV (recaída a distancia de un IB operado)", False),
+        # their tumour is them too; a tumour in general is not
+        ("Su tumor está en estadio IIIA.", "IIB (T3)", True),
+        ("Un tumor de más de 7 cm es T4, estadio IIIA.", "IIB (T3)", False),
         ("El paciente tiene un derrame pleural maligno, estadio IVA.", "IVA", False),
         ("El tratamiento del estadio IV es sistémico.", "IIB (T3)", False),  # not about the patient
     ],
@@ -166,3 +178,26 @@ def test_a_sentence_giving_the_patient_another_stage_is_withheld(sentence, stage
     fallback = Sections("Resumen [1].", "Resumen [1].")
     grounded = ground_sections(Sections(sentence, sentence), support, fallback, stage=stage)
     assert grounded.kept == (0 if misstated else 2)
+
+
+@pytest.mark.parametrize(
+    ("sentence", "inverted"),
+    [
+        # written by the default model (answer review, tenth round)
+        ("Los clones resistentes son los clones de las células que responden a la radioterapia.", True),
+        ("La quimioterapia clásica se utiliza para aumentar el número de células resistentes.", True),
+        ("La quimioterapia se utiliza para eliminar células resistentes.", True),
+        # the passages' own definition, and what a treatment really does
+        (
+            "El volumen sensible, formado por células que responden al tratamiento, y el volumen "
+            "resistente, formado por clones que no responden.",
+            False,
+        ),
+        ("Las células resistentes no responden a la quimioterapia y sobreviven.", False),
+        ("Se da para eliminar las células sensibles; las resistentes sobreviven.", False),
+        ("Las células sensibles responden al tratamiento.", False),
+    ],
+)
+def test_a_sentence_that_turns_resistance_around_is_withheld(sentence, inverted):
+    assert inverts_resistance(sentence) is inverted
+    assert unsupported(sentence, support_of([sentence])) is inverted
