@@ -85,6 +85,14 @@ def test_cli_search_output_in_a_windows_code_page_replaces_what_it_cannot_write(
     assert "Traceback" not in proc.stderr and "diámetro" in proc.stdout
 
 
+def test_the_encoder_sends_and_stores_no_telemetry(settings, tmp_path):
+    """onnxruntime's telemetry wrote a device id and events under the user's home (and looked up
+    Microsoft's collector): an offline classroom product must not."""
+    proc = _cli(settings, "search", "ecog", "-k", "1", HOME=str(tmp_path), USERPROFILE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / ".cache" / "Microsoft").exists()
+
+
 @pytest.mark.parametrize("k", ["0", "-1"])
 def test_cli_search_refuses_a_count_below_one(settings, k):
     proc = _cli(settings, "search", "ecog", "-k", k)
