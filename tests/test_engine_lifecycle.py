@@ -154,3 +154,23 @@ def test_a_full_cache_takes_the_cells_idle_slots_keep(small_cache_engine):
     other = _final(_submit_long(engine, 1, prompt_tokens=150, new_tokens=10))  # 300 > 256 cells
     assert isinstance(other, DoneEvent) and other.new_tokens == 10
     assert engine.counters["errors"] == 0 and engine.memory_mismatches() == []
+
+
+def test_stopping_during_the_warm_up_stops_within_a_chunk(models_dir: Path):
+    """Ctrl+C while the shared prefix was being evaluated waited for all of it (stop() gave up
+    after 10 s and the process then died inside llama_decode)."""
+    from pulmomed_edge.model_store import ModelStore
+
+    store = ModelStore(models_dir, manifest_path())
+    path = store.verify(store.default_name("llm", test=True))
+    rt = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=4096, n_seq=1, n_threads=1))
+    engine = GenerationEngine(rt, slots=1, parked=0)
+    long_prefix = rt.tokenize("El cáncer de pulmón no microcítico se estadifica con el TNM. " * 250)[:3500]
+    try:
+        engine.start(warm_prefix=long_prefix)
+        engine.stop(timeout=HANG_S)
+        assert not engine.worker_alive
+        assert engine.slots[0].kv_tokens != long_prefix  # it did not evaluate the whole prefix first
+    finally:
+        engine.stop()
+        rt.close()

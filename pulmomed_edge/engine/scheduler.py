@@ -484,6 +484,8 @@ class GenerationEngine:
         first = self.slots[0]
         start = 0
         while start < len(prefix):
+            if self._stopping:  # a shutdown during start-up: stop within one chunk, not after all
+                return
             chunk = prefix[start : start + self.plan.prompt_rows(len(prefix) - start)]
             rc = self.rt.decode([(t, start + i, first.seq, False) for i, t in enumerate(chunk)])
             if rc != 0:
