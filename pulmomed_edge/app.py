@@ -165,7 +165,13 @@ async def load_components(state: ServerState) -> None:
     from .retrieval import open_encoder, open_retriever
 
     settings = state.settings
-    store = ModelStore(settings.models_dir, manifest_path())
+    try:
+        store = ModelStore(settings.models_dir, manifest_path())
+    except Exception as exc:  # no manifest (a bundle built without it): nothing can load
+        log.error("model store failed: %s", exc)
+        for component in state.components.values():
+            component.fail(exc)
+        return
     retriever = None
     index_id = ""
     try:

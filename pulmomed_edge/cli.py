@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import CORPUS_DIR, Settings, manifest_path
-from .errors import PulmoMedError
+from .errors import PulmoMedError, SettingsError
 
 log = logging.getLogger("pulmomed_edge")
 
@@ -169,6 +169,8 @@ def _serve(args: argparse.Namespace) -> int:
         budget_s=args.budget_s,
         test_models=args.test_models,
     )
+    if settings.port == 0:  # the headsets must be told a port, and the banner would say ":0"
+        raise SettingsError("port", 0, "use 1 to 65535 to serve", "usa de 1 a 65535 para servir")
     log_path = setup_logging(settings)
     app = create_app(settings)
     urls = teacher_urls(settings.host, settings.port)

@@ -68,7 +68,7 @@ MAX_SLOTS = 64  # with the parked prompts, well inside llama.cpp's 256 sequences
 
 # the numbers a setting may take (a value outside fails at start-up, naming its variable)
 _RANGES: tuple[tuple[str, float, float], ...] = (
-    ("port", 0, 65535),
+    ("port", 0, 65535),  # 0: the system picks one (tests); `serve` wants a port headsets can be told
     ("threads", 0, 1024),
     ("slots", 1, MAX_SLOTS),
     ("parked_prefixes", 0, MAX_PARKED_PREFIXES),

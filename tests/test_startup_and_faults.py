@@ -68,6 +68,22 @@ async def test_unknown_model_answers_with_grounded_fallback_unavailable(settings
         assert body["fuentes"] and body["explicacion"] and body["recomendacion"]
 
 
+async def test_a_missing_model_manifest_fails_every_part_instead_of_loading_for_ever(
+    settings, tmp_path, monkeypatch
+):
+    """A bundle built without the manifest: the loader died on it and health said "starting"
+    for ever, with nothing in the log."""
+    from pulmomed_edge import app
+
+    monkeypatch.setattr(app, "manifest_path", lambda: tmp_path / "models-manifest.json")
+    async with own_server(settings) as served:
+        status, report = await health(served)
+    assert status == 503 and report["status"] == "degraded"
+    for name in ("embeddings", "index", "llm"):
+        part = report["components"][name]
+        assert part["status"] == "failed" and "models-manifest.json" in part["error"]
+
+
 async def test_corrupt_index_is_named_with_its_fix(settings, tmp_path):
     broken = tmp_path / "index"
     shutil.copytree(settings.index_dir, broken)
@@ -129,8 +145,15 @@ def test_a_setting_out_of_range_is_refused_naming_its_variable(variable, raw):
     assert caught.value.fix
 
 
-def test_serve_with_a_bad_setting_says_so_without_a_traceback(tmp_path):
-    env = dict(os.environ, PULMOMED_SLOTS="0", PULMOMED_LOG_DIR=str(tmp_path))
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("PULMOMED_SLOTS", "0"),
+        ("PULMOMED_PORT", "0"),  # the system's choice: the banner told the teacher ":0"
+    ],
+)
+def test_serve_with_a_bad_setting_says_so_without_a_traceback(tmp_path, variable, raw):
+    env = dict(os.environ, PULMOMED_LOG_DIR=str(tmp_path), **{variable: raw})
     proc = subprocess.run(
         [sys.executable, "-m", "pulmomed_edge", "serve", "--test-models"],
         env=env,
@@ -139,7 +162,7 @@ def test_serve_with_a_bad_setting_says_so_without_a_traceback(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 1
-    assert "PULMOMED_SLOTS" in proc.stderr and "Traceback" not in proc.stderr
+    assert variable in proc.stderr and "Traceback" not in proc.stderr
 
 
 async def test_a_model_that_is_not_an_llm_or_does_not_load_is_named_with_its_fix(settings, tmp_path):
