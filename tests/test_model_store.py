@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from pulmomed_edge.errors import ModelError
 from pulmomed_edge.model_store import ModelStore
 
-REAL_MANIFEST = Path(__file__).resolve().parents[1] / "models" / "manifest.json"
+REAL_MANIFEST = Path(__file__).resolve().parents[1] / "pulmomed_edge" / "data" / "models-manifest.json"
 
 PART1 = b"GGUF" + bytes(range(256)) * 40
 PART2 = b"second part " * 500
@@ -411,3 +412,29 @@ def test_verify_checks_every_model_with_the_lab_ones_and_reports_each(
     assert "FAILED  lab-llm" in out
     fix = next(line for line in out.splitlines() if "fix / solución" in line)
     assert f"'{lab}'" in fix  # quoted: the path has spaces
+
+
+def test_the_model_manifest_is_package_data():
+    """Outside a checkout (an installed wheel, the bundle) the store reads the manifest from the
+    package: it was models/manifest.json, which nothing installed, and every model failed."""
+    import tomllib
+
+    from pulmomed_edge.config import PACKAGE_DIR, manifest_path
+
+    path = manifest_path()
+    assert path.is_file() and path.is_relative_to(PACKAGE_DIR)
+    pyproject = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["pulmomed_edge"]
+    relative = path.relative_to(PACKAGE_DIR)
+    assert any(relative.match(pattern) for pattern in shipped)
+
+
+def test_a_bundle_says_how_to_bring_a_model_instead_of_running_itself_as_pip(
+    store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen, sys.executable is PulmoMed Edge: "-m pip" ran the app with arguments it refused."""
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    with pytest.raises(ModelError) as err:
+        store.fetch(["tiny-llm"], progress=False)
+    assert "tiny-llm.gguf" in err.value.fix and "models verify" in err.value.fix
+    assert leftovers(store.models_dir) == []
