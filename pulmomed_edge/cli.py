@@ -188,6 +188,12 @@ def _serve(args: argparse.Namespace) -> int:
         f"Registro / log: {log_path or 'no disponible / unavailable (see the warning above)'}",
         "Ctrl+C para detener / to stop.",
     ]
+
+    async def say_stopping(_app: web.Application) -> None:
+        # answers still writing end with their summary first: the wait must not look like a hang
+        print("Deteniendo PulmoMed Edge… / stopping…", file=sys.stderr, flush=True)
+
+    app.on_shutdown.insert(0, say_stopping)
     try:
         # the banner once the port is ours (run_app calls `print` then), never for a server that
         # could not start; a headset that disconnects cancels its handler at once, so its

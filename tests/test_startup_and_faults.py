@@ -206,3 +206,31 @@ def test_serve_on_a_port_in_use_says_so_and_prints_no_addresses(settings, tmp_pa
     assert proc.returncode == 1
     assert "PULMOMED_PORT" in proc.stderr and "Traceback" not in proc.stderr
     assert "Direcciones" not in proc.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C is a console event there, not a signal")
+def test_ctrl_c_says_it_is_stopping(settings, tmp_path):
+    """Answers still writing end with their summary before the process exits (seconds): the
+    console said nothing meanwhile, so the stop looked like a hang."""
+    import signal
+    import time
+    import urllib.request
+
+    from pulmomed_edge.bench_server import free_port
+
+    port = free_port()
+    env = cli_env(settings, tmp_path)
+    cmd = [sys.executable, "-m", "pulmomed_edge", "serve", "--test-models", "--host", "127.0.0.1"]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # the banner comes once the port is ours
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=5)
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Deteniendo PulmoMed Edge" in err and "Traceback" not in err
