@@ -55,8 +55,13 @@ class CanonicalState:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
 
 
+def age_band(age: int) -> str:
+    """The decade of `age` ('60-69'); the schema allows up to 100, so the top band is '90 o más'."""
+    decade = min(age // 10 * 10, 90)
+    return "90 o más" if decade == 90 else f"{decade}-{decade + 9}"
+
+
 def canonicalize(state: SimulationState) -> CanonicalState:
-    decade = min(state.edad // 10 * 10, 90)
     if state.es_fumador:
         smoking = "fumador"
     elif state.pack_years > 0:
@@ -65,7 +70,7 @@ def canonicalize(state: SimulationState) -> CanonicalState:
         smoking = "nunca"
     total = state.total_volume
     return CanonicalState(
-        age_band=f"{decade}-{decade + 9}",
+        age_band=age_band(state.edad),
         smoking=smoking,
         pack_years_band=_band(
             state.pack_years,

@@ -301,7 +301,9 @@ def _index_build(args: argparse.Namespace) -> int:
     encoder, sha = _encoder(settings)
     try:
         if args.if_stale:
-            reason = stale_reason(settings.index_dir, passages, sha, lab_documents)
+            reason = stale_reason(
+                settings.index_dir, passages, sha, lab_documents, encoder_settings=encoder.settings
+            )
             if reason is None:
                 print(f"index up to date: {settings.index_dir}")
                 return 0

@@ -102,17 +102,41 @@ def load_corpus(corpus_dir: str | Path) -> list[Passage]:
         raise CorpusError(
             f"No hay ficheros .jsonl en {corpus_dir}",
             f"no *.jsonl files in {corpus_dir}",
-            "point the corpus directory at pulmomed_edge/knowledge/corpus",
+            "give index build a folder of *.jsonl passage files (pulmomed-edge index build --corpus DIR), "
+            "or build from the shipped corpus (--shipped-corpus)",
         )
     passages: list[Passage] = []
     seen: dict[str, str] = {}
     for path in files:
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        # "\n" only: str.splitlines() would also split inside a text at U+2028, U+2029 or U+0085
+        for lineno, line in enumerate(_corpus_text(path).split("\n"), start=1):
             if not line.strip():
                 continue
             here = f"{path.name}:{lineno}"
             _check_unique(passages, seen, _parse_record(line, here), here)
     return passages
+
+
+def _unreadable(path: Path, exc: OSError) -> CorpusError:
+    return CorpusError(
+        f"{path}: no se puede leer ({exc.strerror})",
+        f"{path}: cannot be read ({exc.strerror})",
+        f"check the permissions of {path}",
+    )
+
+
+def _corpus_text(path: Path) -> str:
+    """A corpus file's text: UTF-8, with or without the byte-order mark Notepad adds."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    except UnicodeDecodeError as exc:
+        raise CorpusError(
+            f"{path.name}: no es texto UTF-8 (byte {exc.start})",
+            f"{path.name}: is not UTF-8 text (byte {exc.start})",
+            f"save {path} as UTF-8 (in Notepad: Save as… → Encoding: UTF-8)",
+        ) from exc
 
 
 def corpus_hash(passages: list[Passage]) -> str:
@@ -137,7 +161,8 @@ def _paragraph_words(body: str) -> list[list[str]]:
 
 
 def _chunk_words(paragraphs: list[list[str]]) -> list[list[str]]:
-    """Pack whole paragraphs into ~CHUNK_WORDS chunks; each new chunk repeats the last words."""
+    """Pack whole paragraphs into chunks of at most CHUNK_WORDS; each new chunk repeats up to
+    OVERLAP_WORDS last words of the one before, fewer when the paragraph it opens with is long."""
     chunks: list[list[str]] = []
     current: list[str] = []
     fresh = 0  # words in `current` that are not overlap from the previous chunk
@@ -147,10 +172,11 @@ def _chunk_words(paragraphs: list[list[str]]) -> list[list[str]]:
         pieces = (
             [words[i : i + step] for i in range(0, len(words), step)] if len(words) > CHUNK_WORDS else [words]
         )
-        for piece in pieces:
+        for piece in pieces:  # each piece has at most CHUNK_WORDS words
             if fresh and len(current) + len(piece) > CHUNK_WORDS:
                 chunks.append(current)
-                current = current[-OVERLAP_WORDS:]
+                overlap = min(OVERLAP_WORDS, CHUNK_WORDS - len(piece))
+                current = current[-overlap:] if overlap else []
                 fresh = 0
             current = current + piece
             fresh += len(piece)
@@ -164,11 +190,7 @@ def _decode(path: Path) -> tuple[str, str]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise CorpusError(
-            f"{path}: no se puede leer ({exc.strerror})",
-            f"{path}: cannot be read ({exc.strerror})",
-            f"check the permissions of {path}",
-        ) from exc
+        raise _unreadable(path, exc) from exc
     # Notepad's "Unicode" is UTF-16 with a BOM; Word and Notepad on a Spanish Windows save "ANSI",
     # Windows-1252 (Latin-1's letters and more), which a non-UTF-8 file is tried as, and said so.
     utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))

@@ -7,8 +7,9 @@ shared, and closed at shutdown; onnxruntime sessions are safe to call from sever
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 MAX_TOKENS = 256
+POOLING = "mean"  # over real (unpadded) tokens, then L2-normalised
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -38,7 +40,9 @@ class EmbeddingEncoder:
                     "pulmomed-edge models fetch",
                 )
         try:
-            self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+            tokenizer_json = tokenizer_path.read_bytes()  # read by Python: any user folder name works
+            self._tokenizer_sha256 = hashlib.sha256(tokenizer_json).hexdigest()
+            self._tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
             options = ort.SessionOptions()
             options.intra_op_num_threads = max(1, threads)
             options.inter_op_num_threads = 1  # one graph at a time; parallelism lives inside ops
@@ -61,6 +65,12 @@ class EmbeddingEncoder:
     @property
     def dim(self) -> int:
         return self._dim
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What, besides the ONNX model, shapes a vector: an index records it, and is rebuilt
+        when it changes."""
+        return {"max_tokens": MAX_TOKENS, "pooling": POOLING, "tokenizer_sha256": self._tokenizer_sha256}
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Return a float32 array of shape (len(texts), dim), each row of unit length."""

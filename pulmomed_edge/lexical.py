@@ -44,8 +44,21 @@ SYNONYMS = {
     "inmuno": "inmunoterapia",
 }
 _TOKEN = re.compile(r"[a-z0-9]+")
+# Spellings of one term, rewritten (on folded text, before tokenising) to the corpus's own.
+_PHRASES = (
+    (re.compile(r"\bcelulas\s+no\s+pequenas\b"), "no microcitico"),
+    (re.compile(r"\bcelulas\s+pequenas\b"), "microcitico"),
+    (re.compile(r"\b(?:cpcnp|nsclc)\b"), "cpnm"),  # Spanish and English for CPNM
+    (re.compile(r"\bsclc\b"), "microcitico"),
+    (re.compile(r"\bpd[\s-]?l1\b"), "pd-l1"),
+    (re.compile(r"\bpd[\s-]?1\b"), "pd-1"),
+)
 # "no microcítico" (NSCLC) is one term: without it, "no" is dropped and NSCLC reads as small-cell.
 _NOT_SMALL_CELL = re.compile(r"\bno[\s-]+(microcitic)")
+# Roman numerals kept although one letter long: "estadio I" must not read as plain "estadio".
+_ROMAN_LETTERS = frozenset("iv")
+# A TNM stage with a sub-stage: "ia1" → also "ia" and "i", so "estadio IA" finds "IA1, IA2, IA3".
+_SUBSTAGE = re.compile(r"((?:i{1,3}|iv)[abc])[123]?")
 # Derivational endings, longest first; one is stripped after the plural, keeping ≥ 4 letters.
 _SUFFIXES = (
     "amiento", "imiento", "amente", "acion", "icion", "ador", "idad",
@@ -78,10 +91,32 @@ def stem(token: str) -> str:
     return token
 
 
+def normalize_phrases(folded: str) -> str:
+    """Rewrite the spellings of one term to the corpus's: 'celulas no pequenas' → 'nomicrocitico',
+    'pdl1' → 'pd-l1', 'nsclc' → 'cpnm'. `folded` is text already passed through `fold`."""
+    for pattern, replacement in _PHRASES:
+        folded = pattern.sub(replacement, folded)
+    return _NOT_SMALL_CELL.sub(r"no\1", folded)
+
+
+def stage_tokens(token: str) -> tuple[str, ...]:
+    """A stage token and the broader stages it belongs to: 'ia1' → ('ia1', 'ia', 'i'),
+    'iiib' → ('iiib', 'iii'); any other token → (token,)."""
+    match = _SUBSTAGE.fullmatch(token)
+    if match is None:
+        return (token,)
+    return tuple(dict.fromkeys((token, match.group(1), match.group(1)[:-1])))
+
+
+def _is_word(token: str) -> bool:
+    """Worth indexing: not a stopword, and longer than one letter unless a digit or a roman numeral."""
+    return token not in STOPWORDS and (len(token) > 1 or token.isdigit() or token in _ROMAN_LETTERS)
+
+
 def tokenize(text: str, *, stemming: bool = True) -> list[str]:
-    """Folded, stopword-free (optionally stemmed) tokens of `text`."""
-    words = (SYNONYMS.get(t, t) for t in _TOKEN.findall(_NOT_SMALL_CELL.sub(r"no\1", fold(text))))
-    tokens = [t for t in words if t not in STOPWORDS and (len(t) > 1 or t.isdigit())]
+    """Folded, stopword-free (optionally stemmed) tokens of `text`, stages expanded."""
+    words = (SYNONYMS.get(t, t) for t in _TOKEN.findall(normalize_phrases(fold(text))))
+    tokens = [expanded for t in words if _is_word(t) for expanded in stage_tokens(t)]
     if not stemming:
         return tokens
     stems = (stem(t) for t in tokens)
@@ -98,8 +133,11 @@ class LexicalIndex:
         self._size = len(passages)
         docs = [tokenize(lexical_text(p), stemming=stemming) for p in passages]
         self._bm25 = bm25s.BM25(method="lucene", k1=1.2, b=0.75)
-        self._bm25.index(docs, show_progress=False)
-        self._vocab = set(self._bm25.vocab_dict)
+        self._vocab: set[str] = set()
+        # bm25s cannot index passages without a single word (only stopwords): every score stays 0.
+        if any(docs):
+            self._bm25.index(docs, show_progress=False)
+            self._vocab = set(self._bm25.vocab_dict)
         self._doc_terms = [set(doc) for doc in docs]
         df: dict[str, int] = {}
         for terms in self._doc_terms:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from pulmomed_edge.errors import CorpusError
 from pulmomed_edge.lexical import fold
 
 if TYPE_CHECKING:
@@ -126,9 +127,52 @@ class Retriever:
         """The retriever owns nothing: the index and encoder are closed by whoever opened them."""
 
 
+_EVAL_FORMAT = 'one JSON object per line: {"query": "…", "any": ["stem", …]}'
+
+
+def _bad_eval(where: str, problem_es: str, problem_en: str) -> CorpusError:
+    return CorpusError(f"{where}: {problem_es}", f"{where}: {problem_en}", f"write {_EVAL_FORMAT}")
+
+
 def _read_eval(path: str | Path) -> list[dict]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The cases of an evaluation file, each checked; CorpusError names the file and line otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CorpusError(
+            f"{path}: no se puede leer ({reason})",
+            f"{path}: cannot be read ({reason})",
+            f"check the path and permissions of {path}, a file of {_EVAL_FORMAT}",
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise CorpusError(
+            f"{path}: no es texto UTF-8", f"{path}: is not UTF-8 text", f"save {path} as UTF-8"
+        ) from exc
+    cases = [
+        _eval_case(line, f"{path}:{lineno}")
+        for lineno, line in enumerate(text.split("\n"), start=1)
+        if line.strip()
+    ]
+    if not cases:
+        raise _bad_eval(str(path), "no contiene ninguna pregunta", "holds no queries")
+    return cases
+
+
+def _eval_case(line: str, where: str) -> dict:
+    try:
+        case = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise _bad_eval(where, f"JSON no válido ({exc.msg})", f"invalid JSON ({exc.msg})") from exc
+    if not isinstance(case, dict) or not isinstance(case.get("query"), str):
+        raise _bad_eval(where, "falta 'query' (texto)", "'query' (a string) is missing")
+    stems = case.get("any")
+    if not isinstance(stems, list) or not stems or not all(isinstance(s, str) and s for s in stems):
+        raise _bad_eval(
+            where, "'any' debe ser una lista de textos no vacía", "'any' must be a non-empty list of strings"
+        )
+    return case
 
 
 def evaluate(retriever: Retriever, jsonl_path: str | Path, *, depth: int = 10) -> dict:
@@ -196,5 +240,7 @@ def open_retriever(index_dir: str | Path, encoder: EmbeddingEncoder, encoder_sha
     from pulmomed_edge.index import KnowledgeIndex
     from pulmomed_edge.lexical import LexicalIndex
 
-    index = KnowledgeIndex.load(index_dir, encoder_sha256=encoder_sha256, dim=encoder.dim)
+    index = KnowledgeIndex.load(
+        index_dir, encoder_sha256=encoder_sha256, dim=encoder.dim, encoder_settings=encoder.settings
+    )
     return Retriever(index, encoder, LexicalIndex(index.passages))

@@ -276,13 +276,48 @@ def test_if_stale_rebuilds_a_damaged_index(admin, encoder_bundle, damage):
     KnowledgeIndex.load(admin.index, encoder_sha256=sha, dim=encoder.dim).close()
 
 
+def test_if_stale_rebuilds_an_index_of_the_previous_format(admin, encoder_bundle):
+    assert admin.build()[0] == 0
+    manifest = admin.manifest()
+    manifest["format_version"] = 1
+    del manifest["encoder_settings"]
+    (admin.index / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    code, out, _ = admin.build("--if-stale")  # `make run` after an upgrade
+    assert code == 0 and "rebuilding the index (the index has format 1" in out and "rebuild it" in out
+    assert admin.manifest()["format_version"] == 2
+    encoder, sha = encoder_bundle
+    KnowledgeIndex.load(admin.index, encoder_sha256=sha, dim=encoder.dim).close()
+
+
+def test_if_stale_rebuilds_when_the_encoders_token_limit_changed(admin, monkeypatch):
+    from pulmomed_edge import embeddings
+
+    assert admin.build()[0] == 0
+    assert admin.build("--if-stale")[1].startswith("index up to date")
+    monkeypatch.setattr(embeddings, "MAX_TOKENS", 128)
+    code, out, _ = admin.build("--if-stale")
+    assert code == 0 and "rebuilding the index (index was built with encoder max_tokens 256" in out
+    assert admin.manifest()["encoder_settings"]["max_tokens"] == 128
+
+
 def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
 
 
-# --- 5. what each --add folder added -----------------------------------------------------------
+# --- 5. an empty corpus says where the passages should be ------------------------------------
+
+
+def test_an_empty_corpus_is_refused_naming_the_corpus_folder(admin):
+    (admin.corpus_dir / "a.jsonl").write_text("", encoding="utf-8")
+    code, _, err = admin.build()
+    corpus = str(admin.corpus_dir.resolve())
+    assert code == 1 and "no passages to index" in err and "Traceback" not in err
+    assert f"the *.jsonl files in {corpus}" in err and "index build --corpus DIR" in err
+
+
+# --- 6. what each --add folder added -----------------------------------------------------------
 
 
 def test_each_folder_reports_what_it_added_and_a_folder_with_none_warns(admin, tmp_path):

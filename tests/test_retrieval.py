@@ -9,12 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pulmomed_edge.cache import ResponseCache
+from pulmomed_edge.canonical import canonicalize, retrieval_queries
+from pulmomed_edge.cases import CaseLibrary
 from pulmomed_edge.config import CORPUS_DIR
-from pulmomed_edge.corpus import CHUNK_WORDS, chunk_documents, corpus_hash, load_corpus
+from pulmomed_edge.corpus import CHUNK_WORDS, _chunk_words, chunk_documents, corpus_hash, load_corpus
 from pulmomed_edge.errors import CorpusError, KnowledgeIndexError
 from pulmomed_edge.index import KnowledgeIndex, index_is_stale
-from pulmomed_edge.lexical import LexicalIndex
+from pulmomed_edge.lexical import LexicalIndex, tokenize
 from pulmomed_edge.retrieval import Retriever, evaluate, measure_speed
+from pulmomed_edge.schema import SimulationState
+from pulmomed_edge.teacher import TeacherConfig, TeacherService
 
 DATA = Path(__file__).resolve().parent / "data"
 OFF_TOPIC = [
@@ -113,6 +118,28 @@ def test_extra_student_questions_mostly_hit_in_top_3(retriever):
     assert result["hit@3"] >= 0.85, result["misses"]
 
 
+@pytest.mark.parametrize(
+    ("content", "where", "problem"),
+    [
+        (None, "missing.jsonl", "cannot be read"),
+        ("", "missing.jsonl", "holds no queries"),
+        ("\n\n", "missing.jsonl", "holds no queries"),
+        ('{"query": "ecog"}\n', "missing.jsonl:1", "'any'"),
+        ('{"query": "ecog", "any": ["ecog"]}\n{"any": ["ecog"]}\n', "missing.jsonl:2", "'query'"),
+        ("{bad\n", "missing.jsonl:1", "invalid JSON"),
+    ],
+    ids=["missing", "empty", "blank-lines", "without-any", "without-query", "bad-json"],
+)
+def test_a_bad_eval_file_is_named_by_file_and_line(retriever, tmp_path, content, where, problem):
+    path = tmp_path / "missing.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(CorpusError) as excinfo:
+        evaluate(retriever, path)
+    assert where in excinfo.value.message and problem in excinfo.value.message
+    assert '"query"' in excinfo.value.fix
+
+
 @pytest.mark.parametrize("query", OFF_TOPIC)
 def test_off_topic_question_has_no_grounded_hits(retriever, query):
     hits = retriever.search(query, k=5)
@@ -127,6 +154,114 @@ def test_every_mode_returns_k_ranked_hits(index, encoder, mode):
     assert len(hits) == 5
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert all(-1.0 <= h.dense <= 1.0 for h in hits)
+
+
+# --- the teacher's own queries, built from a simulation state ------------------------------
+
+
+def _state(volume: float, **fields: object) -> SimulationState:
+    return SimulationState.model_validate({"edad": 62, "volumen_tumor_sensible": volume, **fields})
+
+
+@pytest.fixture(scope="module")
+def library() -> CaseLibrary:
+    return CaseLibrary.load()
+
+
+@pytest.fixture(scope="module")
+def teacher(retriever, library) -> TeacherService:
+    """The real passage choice (no model needed): its queries go through the real retriever."""
+    return TeacherService(
+        library=library,
+        search=retriever.search,
+        index_id=retriever.index.index_id,
+        cache=ResponseCache(0, 0),
+        config=TeacherConfig(),
+    )
+
+
+def test_stage_ia_state_query_ranks_the_stage_i_passage_first(retriever):
+    state = canonicalize(_state(1.0))  # < 3 cm³: "IA (T1a)"
+    assert state.stage.startswith("IA ")
+    stage_query = retrieval_queries(state, None)[0]
+    hits = retriever.search(stage_query, k=4)
+    assert hits[0].passage.id == "tnm-estadio-i-01", [h.passage.id for h in hits]
+    assert hits[0].grounded
+
+
+@pytest.mark.parametrize(
+    ("volume", "case_id", "stage_passage"),
+    [
+        pytest.param(1.0, None, "tnm-estadio-i-01", id="IA"),
+        pytest.param(5.0, None, "tnm-estadio-i-01", id="IB"),
+        pytest.param(20.0, None, "tnm-estadio-ii-01", id="IIA"),
+        pytest.param(100.0, None, "tnm-estadio-iii-01", id="IIIA+"),
+        pytest.param(1.0, "SEER_001_estadio_IA", "tnm-estadio-i-01", id="case-IA"),
+        pytest.param(1.0, "SEER_002_fumador_activo", "tnm-estadio-ii-01", id="case-IIB"),
+        pytest.param(1.0, "SEER_006_comorbilidades", "tnm-estadio-iii-01", id="case-IIIB"),
+        pytest.param(1.0, "SEER_005_joven_nunca_fumador", "tnm-estadio-iv-01", id="case-IVA"),
+    ],
+)
+def test_each_stage_state_is_taught_from_its_stage_passage(teacher, volume, case_id, stage_passage):
+    case_fields = {"modo": "biblioteca", "caso_id": case_id} if case_id else {}
+    state = canonicalize(_state(volume, **case_fields))
+    chosen = [p.id for p in teacher.retrieve(state, teacher.library.get(state.case_id))]
+    assert stage_passage in chosen, chosen
+
+
+def test_a_100_year_old_is_in_the_top_age_band_not_in_the_nineties():
+    assert canonicalize(_state(1.0, edad=100)).age_band == "90 o más"
+    assert canonicalize(_state(1.0, edad=90)).age_band == "90 o más"
+    assert canonicalize(_state(1.0, edad=89)).age_band == "80-89"
+    assert canonicalize(_state(1.0, edad=18)).age_band == "10-19"
+
+
+# --- words: stages and the spellings of one term ------------------------------------------
+
+
+def test_stage_letters_are_words_and_a_substage_belongs_to_its_stage():
+    assert tokenize("estadio I") == ["estadi", "i"]
+    assert set(tokenize("estadio IA1")) >= {"ia1", "ia", "i"}
+    assert set(tokenize("estadio IIIB")) >= {"iiib", "iii"}
+    assert "iv" in tokenize("estadio IVA")
+    assert "ii" not in tokenize("estadio IIIB")  # IIIB is stage III, not II
+
+
+@pytest.mark.parametrize(
+    ("spelling", "corpus_term"),
+    [
+        ("cáncer de células no pequeñas", "cáncer no microcítico"),
+        ("cáncer de células pequeñas", "cáncer microcítico"),
+        ("PDL1", "PD-L1"),
+        ("PD L1", "PD-L1"),
+        ("anti-PD1", "anti-PD-1"),
+        ("CPCNP", "CPNM"),
+        ("NSCLC", "CPNM"),
+    ],
+    ids=["celulas-no-pequenas", "celulas-pequenas", "PDL1", "PD L1", "PD1", "CPCNP", "NSCLC"],
+)
+def test_spellings_of_one_term_are_the_same_words(spelling, corpus_term):
+    assert tokenize(spelling) == tokenize(corpus_term)
+
+
+def test_pdl1_without_hyphen_finds_the_pd_l1_passage_grounded(retriever):
+    hits = retriever.search("¿Qué es el PDL1?", k=3)
+    assert hits[0].passage.id == "pdl1-que-es-01" and hits[0].grounded
+
+
+@pytest.mark.parametrize(
+    ("query", "topic"),
+    [
+        ("cáncer de pulmón de células pequeñas", "microcitico"),
+        ("SCLC", "microcitico"),
+        ("cáncer de pulmón de células no pequeñas", "cpnm"),
+        ("NSCLC", "cpnm"),
+    ],
+    ids=["celulas-pequenas", "SCLC", "celulas-no-pequenas", "NSCLC"],
+)
+def test_small_cell_and_non_small_cell_questions_find_their_histology(retriever, query, topic):
+    top = retriever.search(query, k=1)[0]
+    assert top.grounded and topic in top.passage.temas, (top.passage.id, top.passage.temas)
 
 
 def test_measure_speed_reports_percentiles(retriever):
@@ -244,6 +379,37 @@ def test_lab_document_is_chunked_with_its_source(tmp_path):
     assert chunks[1].texto.split()[0] in chunks[0].texto.split()  # consecutive chunks overlap
     every_word = {w for p in paragraphs for w in p.split()}
     assert every_word == {w for c in chunks for w in c.texto.split()}
+
+
+@pytest.mark.parametrize(
+    "lengths", [[140, 150], [150, 150], [149, 2, 150], [100, 100, 100], [400], [10, 400, 10], [151]]
+)
+def test_no_lab_chunk_outgrows_the_chunk_size_with_its_overlap(lengths):
+    paragraphs = [[f"p{p}w{w}" for w in range(n)] for p, n in enumerate(lengths)]
+    chunks = _chunk_words(paragraphs)
+    assert all(len(chunk) <= CHUNK_WORDS for chunk in chunks), [len(c) for c in chunks]
+    assert [w for p in paragraphs for w in p] == list(dict.fromkeys(w for c in chunks for w in c))
+
+
+def test_corpus_text_with_unicode_line_separators_stays_one_passage(tmp_path):
+    texto = "Primera línea\u2028segunda\u2029tercera\u0085cuarta."
+    record = {"id": "sep-1", "titulo": "T", "fuente": "F", "temas": ["x"], "texto": texto}
+    (tmp_path / "a.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    (passage,) = load_corpus(tmp_path)
+    assert passage.texto == texto
+
+
+def test_corpus_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + _record("bom-1").encode("utf-8") + b"\r\n")
+    assert [p.id for p in load_corpus(tmp_path)] == ["bom-1"]
+
+
+def test_corpus_file_saved_as_windows_1252_is_refused_asking_for_utf8(tmp_path):
+    record = {"id": "ansi-1", "titulo": "Pulmón", "fuente": "F", "temas": ["x"], "texto": "Cáncer."}
+    (tmp_path / "ansi.jsonl").write_bytes((json.dumps(record, ensure_ascii=False) + "\n").encode("cp1252"))
+    with pytest.raises(CorpusError) as excinfo:
+        load_corpus(tmp_path)
+    assert "ansi.jsonl" in excinfo.value.message and "UTF-8" in excinfo.value.fix
 
 
 def test_lab_document_without_source_line_is_refused(tmp_path):
