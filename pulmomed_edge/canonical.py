@@ -145,9 +145,15 @@ def treatment_phrase(c: CanonicalState) -> str:
 RESISTANCE_QUERY = "volumen resistente: selección clonal y resistencia adquirida al tratamiento"
 SMOKING_QUERIES = {
     "fumador": "beneficios de dejar de fumar tras el diagnóstico de cáncer de pulmón",
-    "exfumador": "exfumador: paquetes-año, riesgo y cribado con TC de baja dosis",
+    # the patient already has a tumour: screening (what "exfumador" alone finds) is not their
+    # question, staying off tobacco is (answers recommended a low-dose CT to stage a known cancer)
+    "exfumador": "exfumador tras el diagnóstico de cáncer de pulmón: seguir sin fumar",
     "nunca": "cáncer de pulmón en nunca fumadores: adenocarcinoma y mutaciones EGFR o ALK",
 }
+# a patient the simulator calls critical or terminal: what care they need comes right after the stage
+PALLIATIVE_QUERY = "cuidados paliativos precoces y control de síntomas en el cáncer de pulmón avanzado"
+_DYING = ("critico", "terminal")
+_MANY_RESISTANT = ("10-30 %", "más del 30 %")
 
 
 def patient_stage(c: CanonicalState, case: LibraryCase | None) -> str:
@@ -169,12 +175,23 @@ def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
     if case is not None:
         queries.append(f"caso de biblioteca {case.caso_id} {case.titulo}")
     queries.append(f"estadio {stage_roman} del cáncer de pulmón no microcítico: qué significa y tratamiento")
+    if c.lung_state in _DYING:
+        queries.append(PALLIATIVE_QUERY)
     if c.treatment != "ninguno":
         queries.append(TREATMENT_QUERIES[c.treatment])
-    if c.resistant_band != "0 %":
+    if resistance_matters(c):
         queries.append(RESISTANCE_QUERY)
     queries.append(SMOKING_QUERIES[c.smoking])
     return queries
+
+
+def resistance_matters(c: CanonicalState) -> bool:
+    """Whether the resistant clones earn one of the few passages: a share of 10 % or more, or any
+    share under treatment or while the tumour progresses. A few percent in an untreated tumour
+    took a slot from the stage's own teaching, and its definition became the whole answer."""
+    if c.resistant_band == "0 %":
+        return False
+    return c.resistant_band in _MANY_RESISTANT or c.treatment != "ninguno" or c.lung_state == "progresando"
 
 
 def cache_key(c: CanonicalState, passage_ids: list[str], model_sha: str, index_id: str) -> str:

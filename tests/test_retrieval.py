@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pulmomed_edge.cache import ResponseCache
-from pulmomed_edge.canonical import canonicalize, retrieval_queries
+from pulmomed_edge.canonical import RESISTANCE_QUERY, canonicalize, retrieval_queries
 from pulmomed_edge.cases import CaseLibrary
 from pulmomed_edge.config import CORPUS_DIR
 from pulmomed_edge.corpus import CHUNK_WORDS, _chunk_words, chunk_documents, corpus_hash, load_corpus
@@ -416,3 +416,28 @@ def test_lab_document_without_source_line_is_refused(tmp_path):
     (tmp_path / "notas.txt").write_text("Unas notas sin origen.\n\nOtro párrafo.\n", encoding="utf-8")
     with pytest.raises(CorpusError, match=r"notas\.txt"):
         chunk_documents(tmp_path)
+
+
+def test_a_critical_patient_is_taught_palliative_care_right_after_the_stage(teacher):
+    state = canonicalize(_state(400.0, lung_state="terminal", edad=78))
+    chosen = teacher.retrieve(state, None)
+    assert "paliativ" in chosen[1].texto.lower(), [p.id for p in chosen]
+
+
+def test_an_ex_smoker_with_a_tumour_is_not_taught_screening(teacher):
+    state = canonicalize(_state(100.0, es_fumador=False, pack_years=45, dias_desde_cambio=200))
+    texts = [p.texto.lower() for p in teacher.retrieve(state, None)]
+    assert not any("nlst" in t or "cribado" in t.split(".")[0] for t in texts), texts
+    assert any("dejar de fumar" in t or "sin fumar" in t for t in texts), texts
+
+
+@pytest.mark.parametrize(
+    ("resistant", "treatment", "expected"),
+    [(0.2, None, False), (0.2, "quimio", True), (3.0, None, True), (0.0, "quimio", False)],
+)
+def test_the_resistance_passage_comes_when_resistance_matters(teacher, resistant, treatment, expected):
+    fields = {"volumen_tumor_resistente": resistant}
+    if treatment:
+        fields |= {"tratamiento_activo": treatment, "dias_tratamiento": 20}
+    state = canonicalize(_state(20.0, **fields))
+    assert (RESISTANCE_QUERY in retrieval_queries(state, None)) is expected
