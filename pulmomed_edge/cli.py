@@ -170,7 +170,8 @@ def _serve(args: argparse.Namespace) -> int:
         test_models=args.test_models,
     )
     if settings.port == 0:  # the headsets must be told a port, and the banner would say ":0"
-        raise SettingsError("port", 0, "use 1 to 65535 to serve", "usa de 1 a 65535 para servir")
+        flag = "--port" if args.port is not None else ""
+        raise SettingsError("port", 0, "use 1 to 65535 to serve", "usa de 1 a 65535 para servir", flag=flag)
     log_path = setup_logging(settings)
     app = create_app(settings)
     urls = teacher_urls(settings.host, settings.port)

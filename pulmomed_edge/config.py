@@ -131,8 +131,17 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[f.name] = _coerce(f.type, raw, f.name)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return replace(cls(), **values)
+        flagged = {k: v for k, v in overrides.items() if v is not None}
+        if flagged.get("test_models") and "model" not in flagged:
+            values.pop("model", None)  # --test-models means the test models, whatever the environment says
+        values.update(flagged)
+        try:
+            return replace(cls(), **values)
+        except SettingsError as exc:
+            if exc.name not in flagged:
+                raise
+            # the flag's value was refused: name the flag, not a variable nobody set
+            raise SettingsError(exc.name, exc.raw, exc.expected, exc.esperado, flag=_flag(exc.name)) from None
 
     def __post_init__(self) -> None:
         if _switch(self.grounding) is None and self.grounding.strip().lower() != "auto":
@@ -165,6 +174,11 @@ class Settings:
         # one shared system prefix + every slot's own prompt and answer + the parked prompts
         slots = self.slots * (self.max_prompt_tokens + self.max_new_tokens)
         return self.max_prompt_tokens + slots + self.parked_prefixes * self.max_prompt_tokens
+
+
+def _flag(name: str) -> str:
+    """The command-line flag that sets a setting (`serve --budget` sets budget_s)."""
+    return "--budget" if name == "budget_s" else "--" + name.replace("_", "-")
 
 
 _TRUE = {"1", "true", "yes", "si", "sí", "on"}

@@ -40,7 +40,15 @@ class EngineError(PulmoMedError):
 class SettingsError(PulmoMedError, ValueError):
     """A PULMOMED_* variable (or the flag that sets the same knob) has a value we cannot use."""
 
-    def __init__(self, name: str, raw: object, expected: str, esperado: str) -> None:
+    def __init__(self, name: str, raw: object, expected: str, esperado: str, *, flag: str = "") -> None:
+        self.name, self.raw, self.expected, self.esperado = name, raw, expected, esperado
+        if flag:  # the value came from the command line, not from the environment
+            super().__init__(
+                f"El valor {raw!r} de {flag} no es válido: {esperado}.",
+                f"{flag} {raw!r} is not valid: {expected}",
+                f"give {flag} a valid value, or leave it out to use the default",
+            )
+            return
         variable = f"PULMOMED_{name.upper()}"
         super().__init__(
             f"El valor {raw!r} de {variable} no es válido: {esperado}.",

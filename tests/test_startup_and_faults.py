@@ -145,6 +145,23 @@ def test_a_setting_out_of_range_is_refused_naming_its_variable(variable, raw):
     assert caught.value.fix
 
 
+def test_a_flag_value_refused_is_named_as_the_flag_and_flags_win():
+    """`serve --port 70000` was blamed on PULMOMED_PORT, which nobody had set."""
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({}, port=70000)
+    assert "--port" in caught.value.message and "PULMOMED_PORT" not in str(caught.value)
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"PULMOMED_SLOTS": "4"}, slots=0)
+    assert "--slots 0" in caught.value.message and "--slots" in caught.value.fix
+    with pytest.raises(SettingsError, match="--budget"):
+        Settings.from_env({}, budget_s=-1.0)
+    with pytest.raises(SettingsError, match="PULMOMED_SLOTS"):  # the environment's own value
+        Settings.from_env({"PULMOMED_SLOTS": "0"}, port=8000)
+    # --test-models means the test models even with a model named in the environment
+    assert Settings.from_env({"PULMOMED_MODEL": "qwen"}, test_models=True).model == Settings().model
+    assert Settings.from_env({"PULMOMED_MODEL": "qwen"}).model == "qwen"
+
+
 @pytest.mark.parametrize(
     ("variable", "raw"),
     [
