@@ -1,26 +1,39 @@
 """Grounded answers without the LLM: built from the retrieved passages' own sentences.
 
 Used when generation times out, fails, is busy or is not loaded, so a student always gets a
-correct, sourced answer instead of an error or canned text.
+correct, sourced answer instead of an error or canned text; and, section by section, where the
+grounding check withheld every sentence the model wrote (the answer's `origen` says which).
 """
 
 from __future__ import annotations
 
+import re
+
 from .canonical import CanonicalState, smoking_phrase, treatment_phrase
 from .prompts import SENTENCE_BREAK, Sections
 
+# What makes a sentence the recommendation, strongest first: one that names the standard or
+# recommended option beats one that cites a guideline, which beats one that only mentions a
+# treatment ("curable con un tratamiento local"). "indicad" is not among the strongest: the case
+# passages also use it for what was not indicated ("no fue un cribado indicado por esa guía").
 _RECOMMENDATION_HINTS = (
-    "recomienda",
-    "estándar",
-    "estandar",
-    "guías",
-    "guias",
-    "indicad",
-    "se considera",
-    "consider",
-    "tratamiento",
-    "primera línea",
+    (
+        "estándar",
+        "estandar",
+        "recomienda",
+        "de elección",
+        "de eleccion",
+        "de referencia",
+        "primera línea",
+        "primera linea",
+    ),
+    ("indicad", "guía", "guia", "se considera", "consider"),
+    ("tratamiento",),
 )
+
+# A library case's passages open with its internal id and a short description (the summary's
+# lead-in already says which case it is): «Caso de biblioteca SEER_001_estadio_IA (…): paciente…»
+_CASE_LABEL = re.compile(r"^Caso de biblioteca \S+ \(.*?\):\s+")
 
 NO_COVERAGE = (
     "La base de conocimiento de PulmoMed no cubre esta situación concreta, así que no se citan fuentes."
@@ -48,6 +61,7 @@ def extractive_sections(
             recomendacion="Consulta las guías clínicas vigentes (por ejemplo, NCCN o ESMO) con tu "
             "docente para este escenario.",
         )
+    passages = [(number, _without_case_label(text)) for number, text in passages]
     first_number, first_text = passages[0]
     lead = sentences(first_text)[:2]
     explicacion = f"{situation} " + " ".join(lead) + f" [{first_number}]"
@@ -55,11 +69,21 @@ def extractive_sections(
     return Sections(explicacion=explicacion.strip(), recomendacion=recommendation)
 
 
+def _without_case_label(text: str) -> str:
+    """A passage's text without a library case's opening «Caso de biblioteca <id> (<description>): »
+    (up to the first "): "), capitalised so that it still reads as a sentence; others unchanged."""
+    rest, found = _CASE_LABEL.subn("", text.strip(), count=1)
+    return rest[:1].upper() + rest[1:] if found else rest
+
+
 def _recommendation_sentence(passages: list[tuple[int, str]]) -> str:
-    for number, text in passages:
-        for sentence in sentences(text):
+    """The sentence with the strongest hint (_RECOMMENDATION_HINTS) of all the passages; among
+    equally strong ones, the first in retrieval order; else the last passage's first sentence."""
+    candidates = [(number, sentence) for number, text in passages for sentence in sentences(text)]
+    for hints in _RECOMMENDATION_HINTS:
+        for number, sentence in candidates:
             lowered = sentence.lower()
-            if any(hint in lowered for hint in _RECOMMENDATION_HINTS):
+            if any(hint in lowered for hint in hints):
                 return f"{sentence} [{number}]"
     number, text = passages[-1]
     return f"{sentences(text)[0]} [{number}]"

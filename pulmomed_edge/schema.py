@@ -128,6 +128,21 @@ class SimulationState(BaseModel):
         return self.volumen_tumor_sensible + self.volumen_tumor_resistente
 
 
+SectionSource = Literal["modelo", "fuentes"]
+
+
+class SectionOrigin(BaseModel):
+    """Who wrote each section of an answer: "modelo", the LLM (without the sentences the grounding
+    check withheld), or "fuentes", the grounded summary of the retrieved passages (extractive.py),
+    which stands in for a section the model did not write or whose every sentence was withheld.
+    `llm_model` names one writer for the whole answer; this tells the two sections apart."""
+
+    model_config = ConfigDict(frozen=True)
+
+    explicacion: SectionSource
+    recomendacion: SectionSource
+
+
 class TeacherResponse(BaseModel):
     """The 200 body: the keys the headset reads, plus a few extras it ignores."""
 
@@ -145,6 +160,12 @@ class TeacherResponse(BaseModel):
     cache: Literal["hit", "miss", "shared"] = "miss"
     # sentences of the model's answer withheld because the sources do not support them
     frases_retiradas: int = 0
+    origen: SectionOrigin = Field(
+        description='Per section, "modelo" when the LLM wrote it (possibly trimmed by the grounding '
+        'check) or "fuentes" when it is the grounded summary of the sources: an answer labelled '
+        "with the model's name may still have one section from the sources, and a fallback that "
+        "kept the sentences a student was already shown may have one from the model."
+    )
 
 
 class FieldProblem(BaseModel):

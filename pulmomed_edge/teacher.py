@@ -49,7 +49,7 @@ from .prompts import (
     split_sections,
     user_message,
 )
-from .schema import SimulationState, TeacherResponse
+from .schema import SectionOrigin, SimulationState, TeacherResponse
 
 log = logging.getLogger(__name__)
 
@@ -601,12 +601,13 @@ class TeacherService:
                 return self._checked(prepared, sections, llm.name)
 
     def _checked(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
-        """The model's answer without the sentences its sources do not support."""
+        """The model's answer without the sentences its sources do not support; a section left
+        with none is the grounded summary's (and `origen` says so)."""
         if not self.config.grounding:
-            return self._response(prepared, sections, model)
-        grounded = ground_sections(
-            sections, prepared.support, self._extractive(prepared), stage=prepared.stage
-        )
+            return self._response(prepared, sections, model, FROM_MODEL)
+        # an empty fallback leaves a section the check emptied empty, so _completed knows which
+        # sections the summary fills (ground_sections counts the sentences kept for both at once)
+        grounded = ground_sections(sections, prepared.support, NO_SECTIONS, stage=prepared.stage)
         self.grounding["answers"] += 1
         if grounded.withheld:
             self.grounding["trimmed"] += 1
@@ -616,7 +617,8 @@ class TeacherService:
             # every sentence was withheld (or said nothing): the student reads the extractive summary, and the
             # answer says so (API: "fallback-…" when the model did not write it)
             model = UNSUPPORTED
-        response = self._response(prepared, grounded.sections, model)
+        final, origin = _completed(grounded.sections, self._extractive(prepared))
+        response = self._response(prepared, final, model, origin)
         return response.model_copy(update={"frases_retiradas": len(grounded.withheld)})
 
     def _extractive(self, prepared: Prepared) -> Sections:
@@ -624,7 +626,7 @@ class TeacherService:
         return extractive_sections(prepared.state, numbered, prepared.case.estadio if prepared.case else None)
 
     def _fallback(self, prepared: Prepared, reason: str) -> TeacherResponse:
-        return self._response(prepared, self._extractive(prepared), reason)
+        return self._response(prepared, self._extractive(prepared), reason, FROM_SOURCES)
 
     def _note_timeout(self, flight: Flight, predicted_s: float, first_text: float | None) -> None:
         """Count an answer that ran out of budget, and log what admission expected of it."""
@@ -647,17 +649,16 @@ class TeacherService:
         always has.)"""
         fallback = self._extractive(flight.prepared)
         if not self.config.checked_stream or not flight.deltas:
-            return self._response(flight.prepared, fallback, label)
+            return self._response(flight.prepared, fallback, label, FROM_SOURCES)
         shown = {"explicacion": "", "recomendacion": ""}
         for seccion, texto in flight.deltas:
             shown[seccion] += texto
-        sections = Sections(
-            shown["explicacion"].strip() or fallback.explicacion,
-            shown["recomendacion"].strip() or fallback.recomendacion,
-        )
-        return self._response(flight.prepared, sections, label)
+        sections, origin = _completed(Sections(shown["explicacion"], shown["recomendacion"]), fallback)
+        return self._response(flight.prepared, sections, label, origin)
 
-    def _response(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
+    def _response(
+        self, prepared: Prepared, sections: Sections, model: str, origin: SectionOrigin
+    ) -> TeacherResponse:
         return TeacherResponse(
             explicacion=sections.explicacion,
             recomendacion=sections.recomendacion,
@@ -668,7 +669,25 @@ class TeacherService:
             processing_time_ms=0,
             estadio=prepared.state.stage,
             pasajes=[p.id for p in prepared.passages],
+            origen=origin,
         )
+
+
+FROM_MODEL = SectionOrigin(explicacion="modelo", recomendacion="modelo")
+FROM_SOURCES = SectionOrigin(explicacion="fuentes", recomendacion="fuentes")
+NO_SECTIONS = Sections("", "")  # as ground_sections' fallback: an emptied section stays empty
+
+
+def _completed(written: Sections, summary: Sections) -> tuple[Sections, SectionOrigin]:
+    """The model's sections where it has some text left (after the grounding check, or what the
+    students were shown), the summary's where it has none; and which is which."""
+    texts: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    for name in ("explicacion", "recomendacion"):
+        text = getattr(written, name).strip()
+        texts[name] = text or getattr(summary, name)
+        origin[name] = "modelo" if text else "fuentes"
+    return Sections(**texts), SectionOrigin(**origin)
 
 
 def _support(canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]) -> frozenset[str]:

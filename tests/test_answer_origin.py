@@ -1,0 +1,236 @@
+"""Who wrote each section (`origen`), and the grounded summary that stands in for the model.
+
+The summary is built from the retrieved passages' own sentences: a library case's passage is
+quoted without its internal id, and the recommendation is the sentence that says what is standard
+or recommended, not the first that mentions a treatment. `origen` tells, per section, whether the
+model wrote it ("modelo") or the summary did ("fuentes"), on every path an answer can take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+from conftest import own_server, with_settings
+
+from pulmomed_edge.canonical import canonicalize
+from pulmomed_edge.config import CORPUS_DIR
+from pulmomed_edge.corpus import load_corpus
+from pulmomed_edge.extractive import extractive_sections, sentences
+from pulmomed_edge.grounding import ground_sections
+from pulmomed_edge.prompts import Sections
+from pulmomed_edge.schema import parse_state
+from pulmomed_edge.teacher import Flight
+
+API = "/api/v1/consultar_profesor"
+SECTIONS = ("explicacion", "recomendacion")
+INVENTED = "El paciente debe tomar azúcar, vitaminas importadas y zumo de naranja cada mañana."
+
+
+async def post(served, body):
+    async with served.session.post(served.url(API), json=body) as resp:
+        return resp.status, await resp.json()
+
+
+async def read_done(served, body) -> dict:
+    """The stream's `done` event."""
+    done = None
+    async with served.session.post(served.url(API + "/stream"), json=body) as resp:
+        assert resp.status == 200
+        name = ""
+        async for raw in resp.content:
+            line = raw.decode("utf-8").rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: ") and name == "done":
+                done = json.loads(line[6:])
+    assert done is not None
+    return done
+
+
+def case_request(case) -> dict:
+    return {
+        "edad": case.edad,
+        "es_fumador": case.es_fumador,
+        "pack_years": case.pack_years,
+        "dieta": case.dieta,
+        "volumen_tumor_sensible": case.volumen_inicial_sensible,
+        "volumen_tumor_resistente": case.volumen_inicial_resistente,
+        "modo": "biblioteca",
+        "caso_id": case.caso_id,
+    }
+
+
+def passages(*ids: str) -> list[tuple[int, str]]:
+    """Real corpus passages, numbered as an answer cites them."""
+    by_id = {p.id: p for p in load_corpus(CORPUS_DIR)}
+    return [(i + 1, by_id[pid].texto) for i, pid in enumerate(ids)]
+
+
+def origin_is_consistent(body: dict) -> None:
+    """`origen` against the label: a fallback that kept nothing of the model is the summary's in
+    both sections; an answer labelled with the model's name has at least one of its sections.
+    (A timed-out or broken-off answer may keep the model's sentences a student was shown.)"""
+    origin = body["origen"]
+    assert origin.keys() == set(SECTIONS) and set(origin.values()) <= {"modelo", "fuentes"}
+    label = body["llm_model"]
+    if label.startswith("fallback-") and label not in ("fallback-timeout", "fallback-error"):
+        assert origin == {"explicacion": "fuentes", "recomendacion": "fuentes"}, body
+    if not label.startswith("fallback-"):
+        assert "modelo" in origin.values(), body
+
+
+# --- the grounded summary -------------------------------------------------------------------
+
+
+async def test_a_library_case_summary_never_shows_the_case_id(settings):
+    """No LLM (fallback-unavailable): every library case gets the summary, which names the case
+    once, by its stage, and quotes the case's passage without «Caso de biblioteca SEER_…(…):»."""
+    async with own_server(with_settings(settings, model="no-such-model")) as served:
+        for case in served.state.library.all():
+            status, body = await post(served, case_request(case))
+            assert status == 200 and body["llm_model"] == "fallback-unavailable", body
+            text = body["explicacion"] + " " + body["recomendacion"]
+            assert "SEER_" not in text and "Caso de biblioteca SEER" not in text, text
+            assert body["explicacion"].startswith(f"Caso de biblioteca en estadio {case.estadio};")
+            assert body["explicacion"].count("Caso de biblioteca") == 1
+            # what followed the id opens the sentence after the lead-in: capitalised
+            assert sentences(body["explicacion"])[1][0].isupper(), body["explicacion"]
+            assert body["origen"] == {"explicacion": "fuentes", "recomendacion": "fuentes"}
+
+
+def test_the_stage_i_recommendation_is_the_standard_treatment_not_a_mention_of_one():
+    """Stage I passage first: «…potencialmente curable con un tratamiento local» mentions a
+    treatment, the next sentence says what the guidelines hold standard (lobectomy, else SBRT)."""
+    state = canonicalize(
+        parse_state({"age": 60, "is_smoker": True, "pack_years": 30, "sensitive_tumor_volume": 1.0}, set())
+    )
+    found = passages("tnm-estadio-i-01", "tab-dejar-fumar-01")
+    standard = next(s for s in sentences(found[0][1]) if "estándar" in s)
+    summary = extractive_sections(state, found)
+    assert summary.recomendacion == f"{standard} [1]"
+    assert "lobectomía" in summary.recomendacion and "potencialmente curable" not in summary.recomendacion
+
+
+def test_a_library_case_recommendation_is_its_standard_treatment():
+    """SEER_001's passage says a screening was not "indicado" before it says "El tratamiento
+    estándar es la cirugía": the standard wins, and the case's passage (first) over the others."""
+    state = canonicalize(
+        parse_state(
+            {
+                "age": 58,
+                "pack_years": 15,
+                "sensitive_tumor_volume": 2.5,
+                "modo": "biblioteca",
+                "caso_id": "SEER_001_estadio_IA",
+            },
+            {"SEER_001_estadio_IA"},
+        )
+    )
+    found = passages("caso-seer-001-01", "tnm-estadio-i-01", "crib-nlst-01")
+    summary = extractive_sections(state, found, "IA")
+    assert summary.recomendacion == "El tratamiento estándar es la cirugía con intención curativa. [1]"
+    assert summary.explicacion.startswith("Caso de biblioteca en estadio IA; paciente exfumador")
+    assert "Paciente de 58 años" in summary.explicacion and "SEER_" not in summary.explicacion
+
+
+# --- origen on every path ---------------------------------------------------------------------
+
+
+async def test_generated_answers_say_who_wrote_each_section_in_json_stream_and_cache(served):
+    """With the test model most answers end up `fallback-unsupported`; whatever the label, `origen`
+    agrees with it, a "fuentes" section is the summary's text, and the stream's `done` and a later
+    cache hit carry the same `origen`."""
+    teacher = served.state.teacher
+    states = [
+        {"age": 47, "pack_years": 22, "sensitive_tumor_volume": 1.4, "diet": "saludable"},
+        {
+            "age": 69,
+            "is_smoker": True,
+            "pack_years": 55,
+            "sensitive_tumor_volume": 33.0,
+            "treatment": "quimio",
+        },
+    ]
+    for body in states:
+        done = await read_done(served, body)
+        status, again = await post(served, body)
+        assert status == 200 and again["cache"] == "hit"
+        for answer in (done, again):
+            origin_is_consistent(answer)
+        assert again["origen"] == done["origen"]
+        prepared = teacher.prepared_if_known(parse_state(body, teacher.library.ids))
+        summary = teacher._extractive(prepared)
+        for name in SECTIONS:
+            if done["origen"][name] == "fuentes":
+                assert done[name] == getattr(summary, name)
+
+
+async def test_a_model_answer_with_one_section_withheld_is_mixed(served):
+    """Real ground_sections output on a real prepared state: the explanation restates passage 1
+    (kept), the recommendation is invented (withheld). The answer keeps the model's name, and
+    `origen` says the recommendation is the summary's; the other way round, too."""
+    from pulmomed_edge.teacher import NO_SECTIONS, _completed
+
+    teacher = served.state.teacher
+    state = parse_state(
+        {"age": 58, "pack_years": 40, "sensitive_tumor_volume": 30.0, "treatment": "radio"}, set()
+    )
+    prepared = await asyncio.to_thread(teacher.prepare, state)
+    summary = teacher._extractive(prepared)
+    restated = sentences(prepared.passages[0].texto)[0].rstrip(".") + " [1]."
+    answer = Sections(explicacion=restated, recomendacion=INVENTED)
+
+    grounded = ground_sections(answer, prepared.support, NO_SECTIONS, stage=prepared.stage)
+    assert grounded.kept == 1 and grounded.withheld == [INVENTED]
+    final, origin = _completed(grounded.sections, summary)
+    assert final == Sections(restated, summary.recomendacion)
+    assert (origin.explicacion, origin.recomendacion) == ("modelo", "fuentes")
+
+    checked = teacher._checked(prepared, answer, "modelo-de-prueba")
+    assert checked.llm_model == "modelo-de-prueba" and checked.frases_retiradas == 1
+    assert checked.recomendacion == summary.recomendacion
+    assert checked.model_dump()["origen"] == {"explicacion": "modelo", "recomendacion": "fuentes"}
+
+    swapped = teacher._checked(prepared, Sections(INVENTED, restated), "modelo-de-prueba")
+    assert swapped.explicacion == summary.explicacion and swapped.recomendacion == restated
+    assert swapped.model_dump()["origen"] == {"explicacion": "fuentes", "recomendacion": "modelo"}
+
+    nothing = teacher._checked(prepared, Sections(INVENTED, INVENTED), "modelo-de-prueba")
+    assert nothing.llm_model == "fallback-unsupported"
+    assert nothing.model_dump()["origen"] == {"explicacion": "fuentes", "recomendacion": "fuentes"}
+
+
+async def test_a_fallback_is_the_summary_and_a_timeout_keeps_what_was_shown(served, seed):
+    """A fallback: both "fuentes". A timeout that keeps the explanation a student was shown: that
+    section is the model's, the other the summary's, though the label is a fallback's."""
+    teacher = served.state.teacher
+    state = parse_state({**seed, "age": 33, "lung_state": "estable"}, teacher.library.ids)
+    prepared = await asyncio.to_thread(teacher.prepare, state)
+    busy = teacher._fallback(prepared, "fallback-busy")
+    assert busy.model_dump()["origen"] == {"explicacion": "fuentes", "recomendacion": "fuentes"}
+
+    flight = Flight(prepared)
+    assert (
+        teacher._keeping_shown(flight, "fallback-timeout").model_dump()["origen"]
+        == busy.model_dump()["origen"]
+    )
+    flight.publish("delta", ("explicacion", "Una frase que el estudiante ya leyó."))
+    kept = teacher._keeping_shown(flight, "fallback-timeout")
+    assert (
+        kept.explicacion == "Una frase que el estudiante ya leyó."
+        and kept.recomendacion == busy.recomendacion
+    )
+    assert kept.model_dump()["origen"] == {"explicacion": "modelo", "recomendacion": "fuentes"}
+
+
+async def test_with_the_grounding_check_off_the_answer_is_the_models(served, seed, monkeypatch):
+    """PULMOMED_GROUNDING=0: the model's answer as written, both sections "modelo"."""
+    teacher = served.state.teacher
+    state = parse_state({**seed, "age": 34, "lung_state": "estable"}, teacher.library.ids)
+    prepared = await asyncio.to_thread(teacher.prepare, state)
+    monkeypatch.setattr(teacher, "config", dataclasses.replace(teacher.config, grounding=False))
+    unchecked = teacher._checked(prepared, Sections(INVENTED, INVENTED), "modelo-de-prueba")
+    assert unchecked.explicacion == INVENTED and unchecked.llm_model == "modelo-de-prueba"
+    assert unchecked.model_dump()["origen"] == {"explicacion": "modelo", "recomendacion": "modelo"}
