@@ -226,6 +226,9 @@ async def load_components(state: ServerState) -> None:
                 max_prompt_tokens=settings.max_prompt_tokens,
                 backfill=settings.backfill,
                 grounding=settings.grounding_on(model_added=llm is not None and llm.added),
+                recommendation_from_sources=settings.recommendation_from_sources(
+                    model_added=llm is not None and llm.added
+                ),
                 stream_sentences=settings.stream_sentences,
             ),
             llm=llm,

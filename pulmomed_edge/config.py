@@ -113,6 +113,11 @@ class Settings:
     # withhold answer sentences the sources do not support (grounding.py): "auto" = on for the
     # pinned models it was tuned on, off for a model the lab added; or "1" / "0"
     grounding: str = "auto"
+    # who writes the recommendation: "model", or "sources" (the model writes the explanation, the
+    # recommendation is the retrieved guideline's own sentence); "auto" = sources for the pinned
+    # small models (read in real answers, not one of their own recommendations was a correct next
+    # step), model for a model the lab added (the 3B)
+    recommendation: str = "auto"
     # with the check on, stream whole checked sentences (never one the answer then takes back);
     # off: pieces of words as they come, sooner, and `done` drops what the check withheld
     stream_sentences: bool = True
@@ -146,6 +151,13 @@ class Settings:
     def __post_init__(self) -> None:
         if _switch(self.grounding) is None and self.grounding.strip().lower() != "auto":
             raise SettingsError("grounding", self.grounding, "use auto, 1 or 0", "usa auto, 1 o 0")
+        if self.recommendation.strip().lower() not in ("auto", "model", "sources"):
+            raise SettingsError(
+                "recommendation",
+                self.recommendation,
+                "use auto, model or sources",
+                "usa auto, model o sources",
+            )
         for name, low, high in _RANGES:
             value = getattr(self, name)
             if not low <= value <= high:
@@ -157,6 +169,12 @@ class Settings:
         """Whether to check answers against their sources with this model (see `grounding`)."""
         switch = _switch(self.grounding)
         return (not model_added) if switch is None else switch
+
+    def recommendation_from_sources(self, *, model_added: bool) -> bool:
+        """Whether the recommendation is the sources' own sentence with this model (see
+        `recommendation`)."""
+        choice = self.recommendation.strip().lower()
+        return (not model_added) if choice == "auto" else choice == "sources"
 
     @property
     def log_file(self) -> Path:

@@ -29,12 +29,14 @@ RECOMMENDATION_LABEL = "Recomendación:"
 
 # The answer: both labels, each followed by one line of text; the engine starts generation right
 # after "Explicación:" (it is part of the prompt), so the grammar begins with the section text.
-ANSWER_GRAMMAR = r"""
-root ::= " " line "\n" "Recomendación:" " " line
+_LINE_RULES = r"""
 line ::= first rest*
 first ::= [A-ZÁÉÍÓÚÑ¿a-záéíóúñ0-9(\[]
 rest ::= [^\n\r#*«»"]
 """
+ANSWER_GRAMMAR = 'root ::= " " line "\\n" "Recomendación:" " " line' + _LINE_RULES
+# the explanation alone, when the recommendation is the sources' own (Settings.recommendation)
+EXPLANATION_GRAMMAR = 'root ::= " " line' + _LINE_RULES
 
 PASSAGE_WORDS = 32
 # a sentence ends at a closing mark followed by a space ("8.ª", "0.5" go on): one rule for

@@ -40,11 +40,13 @@ from .extractive import extractive_sections
 from .grounding import SentenceGate, ground_sections, support_of
 from .prompts import (
     ANSWER_GRAMMAR,
+    EXPLANATION_GRAMMAR,
     SECTION_MARKER,
     SYSTEM_PROMPT,
     PromptPassage,
     Sections,
     SectionTracker,
+    complete_sentences,
     render_prompt,
     split_sections,
     user_message,
@@ -181,6 +183,9 @@ class TeacherConfig:
     backfill: bool = True  # generate busy spells' fallback states later, when the engine is idle
     grounding: bool = True  # withhold the model's sentences the sources do not support
     stream_sentences: bool = True  # with grounding: stream whole checked sentences only
+    # the model writes the explanation only; the recommendation is the sources' own sentence
+    # (Settings.recommendation: the pinned small models' recommendations were not to be trusted)
+    recommendation_from_sources: bool = False
 
     @property
     def checked_stream(self) -> bool:
@@ -538,11 +543,11 @@ class TeacherService:
         task = GenerationTask(
             prompt=prepared.prompt,
             sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-            grammar=ANSWER_GRAMMAR,
+            grammar=EXPLANATION_GRAMMAR if self.config.recommendation_from_sources else ANSWER_GRAMMAR,
             params=self.config.sampling,
             deadline=deadline_s,
             background=flight.backfill and flight.joined_by is None,
-            **answer_budget(max_new),
+            **answer_budget(max_new, explanation_only=self.config.recommendation_from_sources),
         )
         flight.cancel = task.cancel.set
         flight.task = task
@@ -592,19 +597,30 @@ class TeacherService:
                     return self._fallback(prepared, "fallback-busy")
                 if event.finish == "cancelled":
                     return self._keeping_shown(flight, "fallback-timeout")
-                sections = split_sections(event.text)
+                sections = self._sections(event.text)
                 if sections is None:
                     log.error("generation without both sections: %r", event.text[:200])
                     return self._keeping_shown(flight, "fallback-error")
                 for delta in gate.finish() if gate else []:
                     flight.publish("delta", delta)
-                return self._checked(prepared, sections, llm.name)
+                response = self._checked(prepared, sections, llm.name)
+                if self.config.recommendation_from_sources:  # streamed like the model's would be
+                    flight.publish("delta", ("recomendacion", response.recomendacion))
+                return response
+
+    def _sections(self, generated: str) -> Sections | None:
+        """The generated sections; with the recommendation from the sources, the model wrote the
+        explanation alone (the recommendation is left empty for the summary's to fill)."""
+        if self.config.recommendation_from_sources:
+            return Sections(complete_sentences(generated.strip()), "")
+        return split_sections(generated)
 
     def _checked(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
         """The model's answer without the sentences its sources do not support; a section left
         with none is the grounded summary's (and `origen` says so)."""
         if not self.config.grounding:
-            return self._response(prepared, sections, model, FROM_MODEL)
+            final, origin = _completed(sections, self._extractive(prepared))
+            return self._response(prepared, final, model, origin)
         # an empty fallback leaves a section the check emptied empty, so _completed knows which
         # sections the summary fills (ground_sections counts the sentences kept for both at once)
         grounded = ground_sections(sections, prepared.support, NO_SECTIONS, stage=prepared.stage)
@@ -712,13 +728,16 @@ def cacheable(llm_model: str) -> bool:
     return not llm_model.startswith("fallback-") or llm_model == UNSUPPORTED
 
 
-def answer_budget(max_new_tokens: int) -> dict[str, Any]:
+def answer_budget(max_new_tokens: int, *, explanation_only: bool = False) -> dict[str, Any]:
     """Token budgets for the two sections that never add up to more than max_new_tokens.
 
     A section ends at the first sentence end past its soft budget (35 % and 15 % of the total:
     two or three sentences, then one or two, as the system prompt asks); the hard caps (60 % and
-    40 %) leave room to finish the sentence the model is writing."""
+    40 %) leave room to finish the sentence the model is writing. `explanation_only`: the
+    explanation's budget alone (the recommendation comes from the sources)."""
     expl_hard = max_new_tokens * 3 // 5
+    if explanation_only:
+        return {"max_new_tokens": expl_hard, "phases": (Phase(max_new_tokens * 7 // 20, expl_hard),)}
     rec_hard = max_new_tokens - expl_hard
     return {
         "max_new_tokens": max_new_tokens,

@@ -70,6 +70,9 @@ def settings(models_dir: Path, built_index_dir: Path, tmp_path_factory: pytest.T
         # background generations would run between tests and move the engine counters some tests
         # read; backfill is tested on a server of its own (test_classroom.py)
         backfill=False,
+        # the model writes both sections here, so the suite covers that path (the pinned models'
+        # default, recommendations from the sources, has tests of its own: test_answer_origin.py)
+        recommendation="model",
     )
 
 

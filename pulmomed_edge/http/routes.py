@@ -220,6 +220,8 @@ def health_body(state: ServerState) -> dict[str, Any]:
             "timeouts": dict(teacher.timeouts),
             "busy": dict(teacher.busy),
             "grounding": {"enabled": teacher.config.grounding, **teacher.grounding},
+            # who writes the recommendation (Settings.recommendation)
+            "recomendacion": "fuentes" if teacher.config.recommendation_from_sources else "modelo",
         }
     return body
 
