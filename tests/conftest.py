@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -167,3 +168,19 @@ def generated(llm_model: str, name: str) -> bool:
 
 def with_settings(settings: Settings, **changes: object) -> Settings:
     return replace(settings, **changes)
+
+
+async def read_stream(served: Served, body: dict) -> list[tuple[str, dict]]:
+    """The events of `POST /api/v1/consultar_profesor/stream` for `body`, as (name, data), in order."""
+    events = []
+    async with served.session.post(served.url("/api/v1/consultar_profesor/stream"), json=body) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        name = ""
+        async for raw in resp.content:
+            line = raw.decode("utf-8").rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return events

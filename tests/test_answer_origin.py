@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 
-from conftest import own_server, with_settings
+from conftest import own_server, read_stream, with_settings
 
 from pulmomed_edge.canonical import canonicalize
 from pulmomed_edge.config import CORPUS_DIR
@@ -35,17 +34,7 @@ async def post(served, body):
 
 async def read_done(served, body) -> dict:
     """The stream's `done` event."""
-    done = None
-    async with served.session.post(served.url(API + "/stream"), json=body) as resp:
-        assert resp.status == 200
-        name = ""
-        async for raw in resp.content:
-            line = raw.decode("utf-8").rstrip("\n")
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: ") and name == "done":
-                done = json.loads(line[6:])
-    assert done is not None
+    (done,) = [data for name, data in await read_stream(served, body) if name == "done"]
     return done
 
 

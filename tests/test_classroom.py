@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from conftest import cli_env, generated, health, own_server, with_settings
+from conftest import cli_env, generated, health, own_server, read_stream, with_settings
 
 from pulmomed_edge import teacher as teacher_module
 from pulmomed_edge.config import manifest_path
@@ -36,22 +36,6 @@ API = "/api/v1/consultar_profesor"
 async def post(served, body):
     async with served.session.post(served.url(API), json=body) as resp:
         return resp.status, await resp.json()
-
-
-async def read_stream(served, body):
-    """The stream's events as (name, data), in order."""
-    events = []
-    async with served.session.post(served.url(API + "/stream"), json=body) as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("text/event-stream")
-        name = ""
-        async for raw in resp.content:
-            line = raw.decode("utf-8").rstrip("\n")
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
-    return events
 
 
 async def wait_idle(engine, timeout: float = 10.0) -> None:

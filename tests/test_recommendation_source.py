@@ -7,10 +7,8 @@ next step for the patient (tenth round, BENCHMARKS.md); the grounded summary's u
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from conftest import own_server, with_settings
+from conftest import own_server, read_stream, with_settings
 
 from pulmomed_edge.config import Settings
 from pulmomed_edge.errors import SettingsError
@@ -38,19 +36,14 @@ def test_the_explanation_alone_has_the_explanations_budget():
 
 
 async def _stream(served, body) -> tuple[dict[str, str], dict]:
+    """What each section streamed, and the `done` object."""
     streamed = {"explicacion": "", "recomendacion": ""}
-    done, name = None, ""
-    async with served.session.post(served.url(API + "/stream"), json=body) as resp:
-        assert resp.status == 200
-        async for raw in resp.content:
-            line = raw.decode("utf-8").rstrip("\n")
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: ") and name == "delta":
-                delta = json.loads(line[6:])
-                streamed[delta["seccion"]] += delta["texto"]
-            elif line.startswith("data: ") and name == "done":
-                done = json.loads(line[6:])
+    done = None
+    for name, data in await read_stream(served, body):
+        if name == "delta":
+            streamed[data["seccion"]] += data["texto"]
+        elif name == "done":
+            done = data
     assert done is not None
     return streamed, done
 
