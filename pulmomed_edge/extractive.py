@@ -31,6 +31,12 @@ _RECOMMENDATION_HINTS = (
     ("tratamiento",),
 )
 
+# A hint said of what is not done ("La radiografía de tórax no se recomienda…", "No está indicado
+# en…", "no fue un cribado indicado"): never the recommendation. ("no microcítico" is a name.)
+_NEGATED_HINT = re.compile(
+    r"\bno\b(?!\s+microc)[^,;.]{0,30}?(?:recomiend|indicad|est[aá]ndar|de elecci[oó]n)", re.IGNORECASE
+)
+
 # A library case's passages open with its internal id and a short description (the summary's
 # lead-in already says which case it is): «Caso de biblioteca SEER_001_estadio_IA (…): paciente…»
 _CASE_LABEL = re.compile(r"^Caso de biblioteca \S+ \(.*?\):\s+")
@@ -77,9 +83,15 @@ def _without_case_label(text: str) -> str:
 
 
 def _recommendation_sentence(passages: list[tuple[int, str]]) -> str:
-    """The sentence with the strongest hint (_RECOMMENDATION_HINTS) of all the passages; among
-    equally strong ones, the first in retrieval order; else the last passage's first sentence."""
-    candidates = [(number, sentence) for number, text in passages for sentence in sentences(text)]
+    """The sentence with the strongest hint (_RECOMMENDATION_HINTS) of all the passages, leaving
+    out those that say what is not done; among equally strong ones, the first in retrieval order;
+    else the last passage's first sentence."""
+    candidates = [
+        (number, sentence)
+        for number, text in passages
+        for sentence in sentences(text)
+        if not _NEGATED_HINT.search(sentence)
+    ]
     for hints in _RECOMMENDATION_HINTS:
         for number, sentence in candidates:
             lowered = sentence.lower()

@@ -124,6 +124,20 @@ def test_a_library_case_recommendation_is_its_standard_treatment():
     assert "Paciente de 58 años" in summary.explicacion and "SEER_" not in summary.explicacion
 
 
+def test_a_sentence_saying_what_is_not_done_is_never_the_recommendation():
+    """«La radiografía de tórax no se recomienda para el cribado…» has the strongest hint and came
+    first: it was served as what to do (the recommendation is the summary's with the pinned
+    models, so every student would read it)."""
+    state = canonicalize(parse_state({"age": 60, "pack_years": 30, "sensitive_tumor_volume": 1.0}, set()))
+    found = passages("crib-radiografia-01", "tnm-estadio-i-01")
+    summary = extractive_sections(state, found)
+    assert "no se recomienda" not in summary.recomendacion.lower()
+    assert "estándar" in summary.recomendacion and summary.recomendacion.endswith("[2]")
+    # "no microcítico" is a name, not a negation
+    named = [(1, "En el cáncer de pulmón no microcítico el tratamiento estándar es la cirugía.")]
+    assert extractive_sections(state, named).recomendacion.startswith("En el cáncer de pulmón no micro")
+
+
 # --- origen on every path ---------------------------------------------------------------------
 
 
