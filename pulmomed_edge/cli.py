@@ -9,7 +9,7 @@ import logging.handlers
 import sys
 from pathlib import Path
 
-from .config import CORPUS_DIR, Settings, manifest_path
+from .config import CORPUS_DIR, Settings, manifest_path, unknown_variables
 from .errors import PulmoMedError, SettingsError
 
 log = logging.getLogger("pulmomed_edge")
@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    for name in unknown_variables():
+        _warn(
+            f"{name} is not a PulmoMed Edge setting (a typo?): ignored", f"{name} no es un ajuste: se ignora"
+        )
     try:
         return int(args.func(args) or 0)
     except PulmoMedError as exc:

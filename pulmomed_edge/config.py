@@ -194,6 +194,18 @@ class Settings:
         return self.max_prompt_tokens + slots + self.parked_prefixes * self.max_prompt_tokens
 
 
+# read outside Settings (engine/runtime.py: llama.cpp's own log lines, for debugging)
+_OTHER_VARIABLES = frozenset({"PULMOMED_LLAMA_LOG"})
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """PULMOMED_* variables that no setting reads: most likely a typo (PULMOMED_SLOT=4), which
+    would otherwise be ignored without a word."""
+    env = os.environ if environ is None else environ
+    known = {f"PULMOMED_{f.name.upper()}" for f in fields(Settings)} | _OTHER_VARIABLES
+    return sorted(name for name in env if name.startswith("PULMOMED_") and name not in known)
+
+
 def _flag(name: str) -> str:
     """The command-line flag that sets a setting (`serve --budget` sets budget_s)."""
     return "--budget" if name == "budget_s" else "--" + name.replace("_", "-")

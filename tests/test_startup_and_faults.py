@@ -251,3 +251,21 @@ def test_ctrl_c_says_it_is_stopping(settings, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert "Deteniendo PulmoMed Edge" in err and "Traceback" not in err
+
+
+def test_an_unknown_pulmomed_variable_is_named_as_a_likely_typo(settings, tmp_path):
+    """PULMOMED_SLOT=4 (for PULMOMED_SLOTS) was ignored without a word."""
+    from pulmomed_edge.config import unknown_variables
+
+    assert unknown_variables({"PULMOMED_SLOT": "4", "PULMOMED_SLOTS": "4", "PULMOMED_LLAMA_LOG": "1"}) == [
+        "PULMOMED_SLOT"
+    ]
+    env = cli_env(settings, tmp_path, PULMOMED_SLOT="4")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pulmomed_edge", "models", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "PULMOMED_SLOT is not a PulmoMed Edge setting" in proc.stderr
