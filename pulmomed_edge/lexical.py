@@ -42,6 +42,7 @@ SYNONYMS = {
     "quimio": "quimioterapia",
     "radio": "radioterapia",
     "inmuno": "inmunoterapia",
+    "tratar": "tratamiento",  # the infinitive keeps its ending: "estadio IV … tratamiento" missed "tratar"
 }
 _TOKEN = re.compile(r"[a-z0-9]+")
 # Spellings of one term, rewritten (on folded text, before tokenising) to the corpus's own.

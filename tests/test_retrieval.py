@@ -200,6 +200,9 @@ def test_stage_ia_state_query_ranks_the_stage_i_passage_first(retriever):
         pytest.param(1.0, "SEER_002_fumador_activo", "tnm-estadio-ii-01", id="case-IIB"),
         pytest.param(1.0, "SEER_006_comorbilidades", "tnm-estadio-iii-01", id="case-IIIB"),
         pytest.param(1.0, "SEER_005_joven_nunca_fumador", "tnm-estadio-iv-01", id="case-IVA"),
+        # plain "IV": the stage passage says "tratar", the query "tratamiento" (a synonym now)
+        pytest.param(1.0, "SEER_004_estadio_IV_metastasis", "tnm-estadio-iv-01", id="case-IV"),
+        pytest.param(1.0, "SEER_007_recurrencia_post_cirugia", "tnm-estadio-iv-01", id="case-IV-relapse"),
     ],
 )
 def test_each_stage_state_is_taught_from_its_stage_passage(teacher, volume, case_id, stage_passage):
