@@ -14,14 +14,12 @@ checks every file against the manifest and the running encoder; anything off rai
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ import numpy as np
 
 from pulmomed_edge.corpus import Passage, corpus_hash
 from pulmomed_edge.errors import KnowledgeIndexError
+from pulmomed_edge.files import remove_leftovers
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -438,27 +437,14 @@ def _make_build_dir(out_dir: Path) -> Path:
     """A temp dir beside `out_dir` (same filesystem, so the final rename is atomic)."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(out_dir)
+        # a build killed half-way (the console closed) left these
+        remove_leftovers(out_dir.parent, (f".{out_dir.name}.building-*", f".{out_dir.name}.old-*"))
         build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
         # mkdtemp's 0700 would keep a server running as another account (the teacher's) out
         build.chmod(0o755)
         return build
     except OSError as exc:
         raise _unwritable(out_dir, exc) from exc
-
-
-LEFTOVER_AGE_S = 3600  # a build's temp dirs this old are a killed build's (closing the console kills it)
-
-
-def _remove_leftovers(out_dir: Path) -> None:
-    """Remove what builds killed half-way left beside `out_dir` (an hour old or more, so a build
-    running at the same time keeps its own)."""
-    now = time.time()
-    for pattern in (f".{out_dir.name}.building-*", f".{out_dir.name}.old-*"):
-        for leftover in out_dir.parent.glob(pattern):
-            with contextlib.suppress(OSError):
-                if now - leftover.stat().st_mtime >= LEFTOVER_AGE_S:
-                    shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _embed(passages: list[Passage], encoder: EmbeddingEncoder, batch_size: int, progress: bool) -> np.ndarray:

