@@ -189,6 +189,7 @@ class Grounded:
     sections: Sections
     withheld: list[str]  # the sentences taken out, for the log and the reading panel
     kept: int  # the model's sentences left in (0: the whole answer is the fallback's)
+    filled: tuple[str, ...] = ()  # the sections left with none, now the fallback's
 
 
 def ground_sections(
@@ -200,9 +201,10 @@ def ground_sections(
     stage: str | None = None,
 ) -> Grounded:
     """The answer without the sentences `unsupported` withholds; an emptied section becomes the
-    fallback's."""
+    fallback's (and is named in `filled`)."""
     withheld: list[str] = []
     texts: dict[str, str] = {}
+    filled: list[str] = []
     kept = 0
     for name in ("explicacion", "recomendacion"):
         good = []
@@ -215,7 +217,9 @@ def ground_sections(
                 good.append(sentence)
         texts[name] = " ".join(good) if good else getattr(fallback, name)
         kept += len(good)
-    return Grounded(Sections(texts["explicacion"], texts["recomendacion"]), withheld, kept)
+        if not good:
+            filled.append(name)
+    return Grounded(Sections(texts["explicacion"], texts["recomendacion"]), withheld, kept, tuple(filled))
 
 
 def evaluate(passages: Mapping[str, str], path: Path) -> dict:

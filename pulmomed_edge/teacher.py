@@ -621,9 +621,9 @@ class TeacherService:
         if not self.config.grounding:
             final, origin = _completed(sections, self._extractive(prepared))
             return self._response(prepared, final, model, origin)
-        # an empty fallback leaves a section the check emptied empty, so _completed knows which
-        # sections the summary fills (ground_sections counts the sentences kept for both at once)
-        grounded = ground_sections(sections, prepared.support, NO_SECTIONS, stage=prepared.stage)
+        grounded = ground_sections(
+            sections, prepared.support, self._extractive(prepared), stage=prepared.stage
+        )
         self.grounding["answers"] += 1
         if grounded.withheld:
             self.grounding["trimmed"] += 1
@@ -633,8 +633,7 @@ class TeacherService:
             # every sentence was withheld (or said nothing): the student reads the extractive summary, and the
             # answer says so (API: "fallback-…" when the model did not write it)
             model = UNSUPPORTED
-        final, origin = _completed(grounded.sections, self._extractive(prepared))
-        response = self._response(prepared, final, model, origin)
+        response = self._response(prepared, grounded.sections, model, _origin(grounded.filled))
         return response.model_copy(update={"frases_retiradas": len(grounded.withheld)})
 
     def _extractive(self, prepared: Prepared) -> Sections:
@@ -689,21 +688,25 @@ class TeacherService:
         )
 
 
-FROM_MODEL = SectionOrigin(explicacion="modelo", recomendacion="modelo")
-FROM_SOURCES = SectionOrigin(explicacion="fuentes", recomendacion="fuentes")
-NO_SECTIONS = Sections("", "")  # as ground_sections' fallback: an emptied section stays empty
+SECTIONS = ("explicacion", "recomendacion")
+
+
+def _origin(from_sources: tuple[str, ...] | list[str]) -> SectionOrigin:
+    """`origen` for an answer whose sections named in `from_sources` are the summary's."""
+    return SectionOrigin(**{name: "fuentes" if name in from_sources else "modelo" for name in SECTIONS})
+
+
+FROM_SOURCES = _origin(SECTIONS)
 
 
 def _completed(written: Sections, summary: Sections) -> tuple[Sections, SectionOrigin]:
-    """The model's sections where it has some text left (after the grounding check, or what the
-    students were shown), the summary's where it has none; and which is which."""
-    texts: dict[str, str] = {}
-    origin: dict[str, str] = {}
-    for name in ("explicacion", "recomendacion"):
-        text = getattr(written, name).strip()
-        texts[name] = text or getattr(summary, name)
-        origin[name] = "modelo" if text else "fuentes"
-    return Sections(**texts), SectionOrigin(**origin)
+    """The model's sections where it has some text left (what the students were shown, or an
+    answer not checked), the summary's where it has none; and which is which."""
+    texts = {name: getattr(written, name).strip() for name in SECTIONS}
+    empty = [name for name in SECTIONS if not texts[name]]
+    for name in empty:
+        texts[name] = getattr(summary, name)
+    return Sections(**texts), _origin(empty)
 
 
 def _support(canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]) -> frozenset[str]:

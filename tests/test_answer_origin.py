@@ -174,7 +174,7 @@ async def test_a_model_answer_with_one_section_withheld_is_mixed(served):
     """Real ground_sections output on a real prepared state: the explanation restates passage 1
     (kept), the recommendation is invented (withheld). The answer keeps the model's name, and
     `origen` says the recommendation is the summary's; the other way round, too."""
-    from pulmomed_edge.teacher import NO_SECTIONS, _completed
+    from pulmomed_edge.teacher import _completed
 
     teacher = served.state.teacher
     state = parse_state(
@@ -185,9 +185,12 @@ async def test_a_model_answer_with_one_section_withheld_is_mixed(served):
     restated = sentences(prepared.passages[0].texto)[0].rstrip(".") + " [1]."
     answer = Sections(explicacion=restated, recomendacion=INVENTED)
 
-    grounded = ground_sections(answer, prepared.support, NO_SECTIONS, stage=prepared.stage)
+    grounded = ground_sections(answer, prepared.support, summary, stage=prepared.stage)
     assert grounded.kept == 1 and grounded.withheld == [INVENTED]
-    final, origin = _completed(grounded.sections, summary)
+    assert grounded.sections == Sections(restated, summary.recomendacion)
+    assert grounded.filled == ("recomendacion",)
+    # what students were shown, completed the same way (_keeping_shown)
+    final, origin = _completed(Sections(restated, ""), summary)
     assert final == Sections(restated, summary.recomendacion)
     assert (origin.explicacion, origin.recomendacion) == ("modelo", "fuentes")
 
