@@ -528,8 +528,7 @@ class GenerationEngine:
                 paused = [s for s in self.slots if s.busy and not s.live]
                 if paused:
                     victim = min(paused, key=lambda s: s.new_tokens)  # the least work lost
-                    self.counters["preempted"] += 1
-                    self._finish(victim, "preempted")
+                    self._preempt(victim)
                     free = [victim]
             if not free:
                 return
@@ -890,8 +889,8 @@ class GenerationEngine:
         """Give up every parked prompt's cells (a full cache needs them more); whether any held some."""
         held = [entry for entry in self.parked if entry.kv_tokens]
         for entry in held:
-            self.rt.seq_rm(entry.seq, -1, -1)
-            entry.kv_tokens, entry.prompt_len, entry.last_used = [], 0, 0.0
+            self._forget(entry)
+            entry.last_used = 0.0
         if held:
             log.warning("KV cache full: %d parked prompts released", len(held))
         return bool(held)
@@ -904,24 +903,29 @@ class GenerationEngine:
         student_waits = any(slot.live for slot in keep)
         for slot in self.slots:
             if student_waits and slot.busy and not slot.live and slot not in keep:
-                self.counters["preempted"] += 1
-                self._finish(slot, "preempted")
+                self._preempt(slot)
         idle = [slot for slot in self.slots if not slot.busy and slot.kv_tokens]
         for slot in idle:
-            self.rt.seq_rm(slot.seq, -1, -1)
-            slot.kv_tokens, slot.prompt_len = [], 0
+            self._forget(slot)
         released = self._unpark_all() or bool(idle)
         if idle:
             log.warning("KV cache full: %d idle slots' cells released", len(idle))
         return released
 
+    def _preempt(self, slot: _Slot) -> None:
+        """End a background task so that its slot can serve a student."""
+        self.counters["preempted"] += 1
+        self._finish(slot, "preempted")
+
+    def _forget(self, slot: _Slot) -> None:
+        """Drop every cell of the slot's (or parked prompt's) sequence, and the books of them."""
+        self.rt.seq_rm(slot.seq, -1, -1)
+        slot.kv_tokens, slot.prompt_len = [], 0
+
     def _fail(self, slot: _Slot, message: str) -> None:
         task = slot.task
         self.counters["errors"] += 1
-        # the sequence's KV may be half-written: forget it entirely
-        self.rt.seq_rm(slot.seq, -1, -1)
-        slot.kv_tokens = []
-        slot.prompt_len = 0
+        self._forget(slot)  # the sequence's KV may be half-written
         self._release(slot)
         if task is not None:
             task.sink(ErrorEvent(message))
