@@ -9,6 +9,7 @@ sentences with no line breaks, and the engine bounds each section's length.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +50,14 @@ CASE_GOALS = 1  # a library case's main teaching goal goes into the prompt
 class PromptPassage:
     number: int
     texto: str
+
+
+def citation_numbers(sources: Iterable[str]) -> list[int]:
+    """Each passage's citation number, given the passages' sources in prompt order: the place of
+    its source among the distinct sources, so that "[n]" is always the answer's `fuentes[n-1]`
+    (which lists each source once), also when two passages come from the same source."""
+    places: dict[str, int] = {}
+    return [places.setdefault(source, len(places) + 1) for source in sources]
 
 
 def tighten(text: str, max_words: int = PASSAGE_WORDS) -> str:
@@ -112,13 +121,15 @@ class ChatRenderer(Protocol):
 
 class HasText(Protocol):
     texto: str
+    fuente: str
 
 
 def render_prompt(
     template: ChatRenderer, state: CanonicalState, case: LibraryCase | None, passages: list[HasText]
 ) -> str:
     """The whole prompt text, ending where the model starts writing the explanation."""
-    numbered = [PromptPassage(i + 1, tighten(p.texto)) for i, p in enumerate(passages)]
+    numbers = citation_numbers(p.fuente for p in passages)
+    numbered = [PromptPassage(n, tighten(p.texto)) for n, p in zip(numbers, passages, strict=True)]
     return template.render(SYSTEM_PROMPT, user_message(numbered, state, case), EXPLANATION_LABEL)
 
 

@@ -46,6 +46,7 @@ from .prompts import (
     PromptPassage,
     Sections,
     SectionTracker,
+    citation_numbers,
     complete_sentences,
     render_prompt,
     split_sections,
@@ -111,7 +112,7 @@ class LanguageModel:
 class Prepared:
     state: CanonicalState
     case: LibraryCase | None
-    passages: list[PassageLike]  # most important first; a passage's citation number is its place
+    passages: list[PassageLike]  # most important first; cited by their source's place (citation_numbers)
     key: str
     prompt: list[int] | None  # None when no LLM is loaded
     # the terms the model is shown: what its sentences may claim (grounding.py; empty without LLM)
@@ -637,7 +638,8 @@ class TeacherService:
         return response.model_copy(update={"frases_retiradas": len(grounded.withheld)})
 
     def _extractive(self, prepared: Prepared) -> Sections:
-        numbered = [(i + 1, p.texto) for i, p in enumerate(prepared.passages)]
+        numbers = citation_numbers(p.fuente for p in prepared.passages)
+        numbered = [(n, p.texto) for n, p in zip(numbers, prepared.passages, strict=True)]
         return extractive_sections(prepared.state, numbered, prepared.case.estadio if prepared.case else None)
 
     def _fallback(self, prepared: Prepared, reason: str) -> TeacherResponse:
@@ -712,7 +714,8 @@ def _completed(written: Sections, summary: Sections) -> tuple[Sections, SectionO
 def _support(canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]) -> frozenset[str]:
     """The terms a prompt with these passages shows the model: what its sentences may claim."""
     # whole passages: a citation points to the source, not to the tightened excerpt
-    numbered = [PromptPassage(i + 1, p.texto) for i, p in enumerate(passages)]
+    numbers = citation_numbers(p.fuente for p in passages)
+    numbered = [PromptPassage(n, p.texto) for n, p in zip(numbers, passages, strict=True)]
     return support_of([SYSTEM_PROMPT, user_message(numbered, canon, case)])
 
 
@@ -752,7 +755,7 @@ def answer_budget(max_new_tokens: int, *, explanation_only: bool = False) -> dic
 
 
 def _sources(passages: list[PassageLike]) -> list[str]:
-    """The passages' sources, in citation order, each once."""
+    """The passages' sources, in citation order, each once (citation_numbers: "[n]" is the n-th)."""
     seen: dict[str, None] = {}
     for p in passages:
         seen.setdefault(p.fuente, None)

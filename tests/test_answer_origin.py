@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 
 from conftest import own_server, read_stream, with_settings
 
@@ -18,7 +19,7 @@ from pulmomed_edge.config import CORPUS_DIR
 from pulmomed_edge.corpus import load_corpus
 from pulmomed_edge.extractive import extractive_sections, sentences
 from pulmomed_edge.grounding import ground_sections
-from pulmomed_edge.prompts import Sections
+from pulmomed_edge.prompts import Sections, citation_numbers, render_prompt
 from pulmomed_edge.schema import parse_state
 from pulmomed_edge.teacher import Flight
 
@@ -54,7 +55,28 @@ def case_request(case) -> dict:
 def passages(*ids: str) -> list[tuple[int, str]]:
     """Real corpus passages, numbered as an answer cites them."""
     by_id = {p.id: p for p in load_corpus(CORPUS_DIR)}
-    return [(i + 1, by_id[pid].texto) for i, pid in enumerate(ids)]
+    found = [by_id[pid] for pid in ids]
+    return list(zip(citation_numbers(p.fuente for p in found), (p.texto for p in found), strict=True))
+
+
+def sweep() -> list[dict]:
+    """Free states across stages, treatments, smoking and lung states."""
+    bodies = []
+    for volume in (1.0, 20.0, 90.0):
+        for treatment in ("ninguno", "quimio", "radio", "inmuno"):
+            for smoker, packs in ((True, 40.0), (False, 20.0), (False, 0.0)):
+                for resistant in (0.0, volume / 5):
+                    body = {"edad": 64, "es_fumador": smoker, "pack_years": packs}
+                    body |= {"volumen_tumor_sensible": volume, "volumen_tumor_resistente": resistant}
+                    days = 30 if treatment != "ninguno" else 0
+                    body |= {"tratamiento_activo": treatment, "dias_tratamiento": days}
+                    bodies.append(body)
+    late = {"edad": 70, "pack_years": 50, "volumen_tumor_sensible": 80.0}
+    bodies += [late | {"lung_state": s} for s in ("critico", "terminal")]
+    return bodies
+
+
+CITATION = re.compile(r"\[(\d+)\]")
 
 
 def origin_is_consistent(body: dict) -> None:
@@ -136,6 +158,37 @@ def test_a_sentence_saying_what_is_not_done_is_never_the_recommendation():
     # "no microcítico" is a name, not a negation
     named = [(1, "En el cáncer de pulmón no microcítico el tratamiento estándar es la cirugía.")]
     assert extractive_sections(state, named).recomendacion.startswith("En el cáncer de pulmón no micro")
+
+
+def test_passages_of_one_source_share_its_number():
+    assert citation_numbers(["NCCN", "ESMO", "NCCN", "IASLC", "ESMO"]) == [1, 2, 1, 3, 2]
+
+
+async def test_every_citation_in_a_summary_is_an_entry_of_fuentes(settings):
+    """`fuentes` lists each source once, so passages are cited by their source's place in it:
+    numbered by place, three passages from two sources gave a «[3]» with no third source."""
+    shared = 0
+    async with own_server(with_settings(settings, model="no-such-model")) as served:
+        bodies = sweep() + [case_request(case) for case in served.state.library.all()]
+        for body in bodies:
+            status, answer = await post(served, body)
+            assert status == 200 and answer["llm_model"] == "fallback-unavailable", answer
+            shared += answer["retrieved_chunks"] > len(answer["fuentes"])
+            cited = {int(n) for n in CITATION.findall(answer["explicacion"] + answer["recomendacion"])}
+            assert cited and cited <= set(range(1, len(answer["fuentes"]) + 1)), (body, answer)
+    assert shared, "no state retrieved two passages of one source: the sweep no longer tests the numbering"
+
+
+async def test_every_passage_label_in_a_prompt_is_an_entry_of_fuentes(served):
+    """What the model is shown: «[n] …» labels only the sources the answer lists, in its order."""
+    teacher = served.state.teacher
+    for body in sweep():
+        prepared = teacher.prepare(parse_state(body, teacher.library.ids))
+        text = render_prompt(teacher.llm.template, prepared.state, prepared.case, prepared.passages)
+        labels = [int(n) for n in re.findall(r"^\[(\d+)\] ", text, flags=re.M)]
+        assert len(labels) == len(prepared.passages)
+        sources = list(dict.fromkeys(p.fuente for p in prepared.passages))
+        assert [sources[n - 1] for n in labels] == [p.fuente for p in prepared.passages]
 
 
 # --- origen on every path ---------------------------------------------------------------------
