@@ -28,7 +28,7 @@ from .engine import (
     EngineBusy,
     EngineStopped,
     ErrorEvent,
-    GenerationEngine,
+    GenerationBackend,
     GenerationTask,
     Phase,
     SamplingParams,
@@ -102,7 +102,7 @@ class LanguageModel:
 
     name: str
     sha256: str
-    engine: GenerationEngine
+    engine: GenerationBackend  # the in-process GenerationEngine today (engine/backend.py)
     template: ChatTemplate
     tokenize: Callable[[str], list[int]]
     added: bool = False  # registered by the lab (`models add`), not one of the pinned models

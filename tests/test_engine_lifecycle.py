@@ -13,6 +13,7 @@ from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import (
     DoneEvent,
     ErrorEvent,
+    GenerationBackend,
     GenerationEngine,
     GenerationTask,
     SamplingParams,
@@ -66,6 +67,16 @@ def _final(events: queue.Queue):
         event = events.get(timeout=HANG_S)
         if not isinstance(event, TextEvent):
             return event
+
+
+def test_the_engine_is_a_backend_the_teacher_can_drive(engine):
+    """teacher.py needs only GenerationBackend (engine/backend.py), the seam for a scale-out mode;
+    the in-process engine must keep providing all of it, with the admission answers' shapes."""
+    assert isinstance(engine, GenerationBackend)
+    assert engine.running and engine.idle and engine.failure is None and engine.stalled_s() == 0.0
+    first_token_s, per_token_s = engine.estimate(engine.new_prompt_tokens([1, 2, 3]))
+    assert first_token_s >= 0 and per_token_s > 0 and engine.crowds(10) in (True, False)
+    assert {"queued", "active"} <= engine.stats().keys()
 
 
 def test_stopping_the_engine_ends_the_answers_still_writing(engine, runtime):

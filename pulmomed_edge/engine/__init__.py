@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .backend import GenerationBackend
 from .sampling import SamplingParams
 from .scheduler import (
     DoneEvent,
@@ -21,6 +22,7 @@ __all__ = [
     "EngineEvent",
     "EngineStopped",
     "ErrorEvent",
+    "GenerationBackend",
     "GenerationEngine",
     "GenerationTask",
     "Phase",
