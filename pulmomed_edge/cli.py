@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import logging.handlers
@@ -53,7 +54,10 @@ def _positive(text: str) -> int:
 
 def _explain(exc: PulmoMedError) -> str:
     """A fault for the admin: English, Spanish, and the fix when there is one."""
-    fix = f"\n  fix / solución: {exc.fix}" if exc.fix else ""
+    if exc.solucion:
+        fix = f"\n  solución: {exc.solucion}\n  fix: {exc.fix}"
+    else:
+        fix = f"\n  fix / solución: {exc.fix}" if exc.fix else ""
     return f"{exc.message}\n  {exc.mensaje}{fix}"
 
 
@@ -213,12 +217,24 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except OSError as exc:  # the port is taken (another PulmoMed Edge?) or the address is not ours
         raise PulmoMedError(
-            f"No se puede escuchar en {settings.host}:{settings.port}: {exc.strerror or exc}.",
+            f"No se puede escuchar en {settings.host}:{settings.port}: {_why_not_listening(exc)}.",
             f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}.",
             "close the other program using that port (another PulmoMed Edge?), or start on another "
             "port: PULMOMED_PORT=8001 (or --port 8001) — and point the headsets at it",
+            "cierra el otro programa que usa ese puerto (¿otro PulmoMed Edge ya abierto?), o arranca "
+            "en otro puerto: PULMOMED_PORT=8001 (o --port 8001), y apunta los visores a él",
         ) from None
     return 0
+
+
+def _why_not_listening(exc: OSError) -> str:
+    """The bind error in Spanish for the teacher (the OS says it in English, or in the OS's language)."""
+    reasons = {
+        errno.EADDRINUSE: "otro programa ya usa ese puerto",
+        errno.EADDRNOTAVAIL: "esa dirección no es de este equipo",
+        errno.EACCES: "el sistema no permite usar ese puerto",
+    }
+    return reasons.get(exc.errno or 0, exc.strerror or str(exc))
 
 
 # --- models --------------------------------------------------------------------------------

@@ -180,6 +180,8 @@ def test_serve_with_a_bad_setting_says_so_without_a_traceback(tmp_path, variable
     )
     assert proc.returncode == 1
     assert variable in proc.stderr and "Traceback" not in proc.stderr
+    # the teacher who double-clicked it reads the way out in Spanish too
+    assert f"solución: da a {variable} un valor válido" in proc.stderr
 
 
 async def test_a_model_that_is_not_an_llm_or_does_not_load_is_named_with_its_fix(settings, tmp_path):
@@ -223,6 +225,9 @@ def test_serve_on_a_port_in_use_says_so_and_prints_no_addresses(settings, tmp_pa
     assert proc.returncode == 1
     assert "PULMOMED_PORT" in proc.stderr and "Traceback" not in proc.stderr
     assert "Direcciones" not in proc.stderr
+    # in Spanish as well, the OS's reason included (it says it in English)
+    assert "otro programa ya usa ese puerto" in proc.stderr
+    assert "solución: cierra el otro programa" in proc.stderr and "fix: close" in proc.stderr
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C is a console event there, not a signal")
