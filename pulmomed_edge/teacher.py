@@ -145,14 +145,16 @@ class Flight:
     # every student left a student's generation: it is cancelled, and nobody may join it
     abandoned: bool = False
 
-    def promote(self, deadline: float) -> None:
-        """A student joined this backfill: from now on it runs as their generation, and wraps up
-        by their deadline (the earliest joiner's)."""
+    def promote(self, deadline: float) -> bool:
+        """A student joins this flight. A backfill from now on runs as their generation, and wraps
+        up by their deadline (the earliest joiner's). False when it cannot be joined: the engine
+        gave its slot to another student this very instant (it ends "preempted")."""
         if not self.backfill or self.joined_by is not None:
-            return
-        self.joined_by = deadline
-        if self.task is not None:
-            self.task.promote(deadline)
+            return True
+        if self.task is not None and not self.task.promote(deadline):
+            return False
+        self.joined_by = deadline  # not yet submitted: _generate submits it as theirs
+        return True
 
     def demote(self) -> None:
         """Every student who joined this backfill left: it goes on for the cache in the steps
@@ -328,13 +330,17 @@ class TeacherService:
         flight = self._flights.get(prepared.key)
         role = "shared"
         # a preempted backfill ends with a fallback: not that; nor, with the engine stuck, a
-        # backfill that would keep the student for their whole budget
-        if flight is None or flight.preempted or (flight.backfill and self._engine_down()):
+        # backfill that would keep the student for their whole budget; a backfill of this very
+        # state otherwise now answers this student (unless its slot went to another this instant)
+        if (
+            flight is None
+            or flight.preempted
+            or (flight.backfill and self._engine_down())
+            or not flight.promote(time.monotonic() + ANSWER_SHARE * self.config.budget_s)
+        ):
             self._last_live = time.monotonic()
             flight = self._launch(prepared)
             role = "miss"
-        else:  # a backfill of this very state: it now answers this student
-            flight.promote(time.monotonic() + ANSWER_SHARE * self.config.budget_s)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         flight.listeners.append(queue)
         # what was written before this student joined, taken with no await in between: a
@@ -579,7 +585,10 @@ class TeacherService:
                 event = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 task.cancel.set()  # the worker frees the slot at its next step
-                self._note_timeout(flight, first_token_s, first_text)
+                if flight.backfill:  # joiners gave up by their own budget (timeouts["joined"])
+                    log.info("background answer out of time after %.0f s: dropped", budget_s)
+                else:
+                    self._note_timeout(flight, first_token_s, first_text)
                 return self._keeping_shown(flight, "fallback-timeout")
             if isinstance(event, TextEvent):
                 if first_text is None:

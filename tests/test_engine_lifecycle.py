@@ -5,6 +5,8 @@ never evaluate is refused at the door."""
 from __future__ import annotations
 
 import queue
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from pulmomed_edge.engine import (
     GenerationTask,
     SamplingParams,
     TextEvent,
+    scheduler,
 )
 from pulmomed_edge.engine.chat import ChatTemplate
 from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
@@ -185,3 +188,55 @@ def test_stopping_during_the_warm_up_stops_within_a_chunk(models_dir: Path):
     finally:
         engine.stop()
         rt.close()
+
+
+def test_a_student_leaving_a_joined_background_task_mid_step_never_fails_the_engine(runtime, monkeypatch):
+    """A student who joined a backfill and leaves clears its deadline from the event loop at any
+    instant. Replayed deterministically: the deadline goes between the worker's check of it and
+    its use (a thread switch inside `slot.live`). The worker asserted it was still there and died:
+    every answer writing got «El motor de generación falló», and every later student a summary."""
+    engine = GenerationEngine(runtime, slots=2, parked=0, prefill_chunk=16)
+    armed = {"task": None}
+    live = scheduler._Slot.live.fget
+
+    def live_then_leave(slot):
+        result = live(slot)
+        task = armed["task"]
+        if task is not None and slot.task is task and sys._getframe(1).f_code.co_name == "_chunk_makes_late":
+            armed["task"] = None
+            task.demote()  # the joined student's stream() ends at this instant
+        return result
+
+    monkeypatch.setattr(scheduler._Slot, "live", property(live_then_leave))
+    engine.start()
+    try:
+        joined_events: queue.Queue = queue.Queue()
+        joined = GenerationTask(
+            prompt=runtime.tokenize("Alfa: hola."),
+            sink=joined_events.put,
+            grammar=NEVER_ENDS,
+            params=SamplingParams(temperature=0.0),
+            max_new_tokens=300,
+            background=True,
+        )
+        assert joined.promote(time.monotonic() + 60)  # a backfill a student joined
+        engine.submit(joined)
+        assert isinstance(joined_events.get(timeout=HANG_S), TextEvent)  # it is writing
+        armed["task"] = joined
+        other_events: queue.Queue = queue.Queue()
+        engine.submit(
+            GenerationTask(
+                prompt=runtime.tokenize("Beta: " + "El paciente fumador tiene un tumor. " * 8),
+                sink=other_events.put,
+                grammar=NEVER_ENDS,
+                params=SamplingParams(temperature=0.0),
+                max_new_tokens=20,
+                deadline=time.monotonic() + 60,
+            )
+        )
+        final = _final(other_events)
+        assert armed["task"] is None, "the replay never reached the step it tests"
+        assert isinstance(final, DoneEvent) and final.finish == "length", final
+        assert engine.failure is None and engine.running
+    finally:
+        engine.stop()

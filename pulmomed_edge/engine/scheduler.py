@@ -97,17 +97,36 @@ class GenerationTask:
     deadline: float | None = None  # time.monotonic() by which the answer should be complete
     # computes only while no student's task needs the engine (see the module docstring)
     background: bool = False
+    # the worker gave its slot to a student (it ends "preempted"); never set for a student's task
+    preempted: bool = False
+    # promote() and the worker's preemption decide under it: a student joins, or the slot goes
+    _switch: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def promote(self, deadline: float | None) -> None:
+    def promote(self, deadline: float | None) -> bool:
         """A student now waits on this background task: it competes like theirs, with their deadline
-        (any thread: the worker reads both fields at each step)."""
-        self.deadline = deadline
-        self.background = False
+        (any thread: the worker reads each field once per use). False when the worker has already
+        given its slot away: it ends "preempted", and the student must be answered otherwise."""
+        with self._switch:
+            if self.preempted:
+                return False
+            self.deadline = deadline
+            self.background = False
+            return True
 
     def demote(self) -> None:
         """Nobody waits on it any more: background work again, with no deadline (any thread)."""
-        self.background = True
-        self.deadline = None
+        with self._switch:
+            self.background = True
+            self.deadline = None
+
+    def yield_slot(self) -> bool:
+        """The worker takes this task's slot for a student: only while it is still background work
+        (a student may have joined it this instant). Whether it was taken."""
+        with self._switch:
+            if not self.background:
+                return False
+            self.preempted = True
+            return True
 
 
 class EngineBusy(RuntimeError):
@@ -378,10 +397,11 @@ class GenerationEngine:
         now = time.monotonic()
         for slot in busy:
             task = slot.task
-            if task is None or task.deadline is None:
+            deadline = task.deadline if task is not None else None
+            if task is None or deadline is None:
                 continue
             prompt_s = self._prompt_s(len(slot.pending) if slot.in_prompt else 0)
-            spare = self._spare_s(slot, task, step_s, now) + grace_s - prompt_s
+            spare = self._spare_s(slot, task, deadline, step_s, now) + grace_s - prompt_s
             # an answer already writing holds newer chunks back when it needs the steps
             # (_chunk_makes_late), so the new prompt costs it only the extra row per step (in
             # step_s); one still in its prompt is counted with the new prompt's time as well,
@@ -402,11 +422,13 @@ class GenerationEngine:
         """Seconds to evaluate this many prompt tokens at the measured prefill rate."""
         return tokens / max(1.0, self.prefill_rate)
 
-    def _spare_s(self, slot: _Slot, task: GenerationTask, step_s: float, now: float) -> float:
-        """Seconds the slot's answer (`task`, which has a deadline) has left before its deadline
-        once it has written the fewest tokens it can end with, at step_s per token."""
-        assert task.deadline is not None
-        return task.deadline - now - self._tokens_to_finish(slot, task) * step_s
+    def _spare_s(
+        self, slot: _Slot, task: GenerationTask, deadline: float, step_s: float, now: float
+    ) -> float:
+        """Seconds the slot's answer (`task`) has left before `deadline` (its deadline, read once by
+        the caller: a student leaving a joined backfill clears it from the event loop at any
+        moment) once it has written the fewest tokens it can end with, at step_s per token."""
+        return deadline - now - self._tokens_to_finish(slot, task) * step_s
 
     def _tokens_to_finish(self, slot: _Slot, task: GenerationTask) -> int:
         """About the fewest tokens the slot's answer (`task`) can still end with: each section
@@ -528,8 +550,10 @@ class GenerationEngine:
                 paused = [s for s in self.slots if s.busy and not s.live]
                 if paused:
                     victim = min(paused, key=lambda s: s.new_tokens)  # the least work lost
-                    self._preempt(victim)
-                    free = [victim]
+                    if self._preempt(victim):
+                        free = [victim]
+                    else:  # a student joined it meanwhile: it is theirs now, look again
+                        continue
             if not free:
                 return
             with self._cv:  # by identity: tasks are dataclasses, two may compare equal
@@ -627,7 +651,8 @@ class GenerationEngine:
             # then paused background answers and what idle slots keep
             if rc == 1 and self._unpark_all():
                 rc = self.rt.decode(entries)
-            if rc == 1 and self._forget_idle(keep=[slot for slot, _, _ in owners]):
+            # every slot of this step is kept: a later call still decodes its pending rows
+            if rc == 1 and self._forget_idle(keep=[slot for part in calls for slot, _ in part]):
                 rc = self.rt.decode(entries)
             seconds = time.monotonic() - started
             if in_prompt:
@@ -738,18 +763,20 @@ class GenerationEngine:
         now = time.monotonic()
         for slot in decoding:
             task = slot.task
-            if task is None or task.deadline is None or not slot.live:
+            deadline = task.deadline if task is not None else None  # once: see _spare_s
+            if task is None or deadline is None or not slot.live:
                 continue
-            if self._spare_s(slot, task, step_s, now) < chunk_s:
+            if self._spare_s(slot, task, deadline, step_s, now) < chunk_s:
                 return True
         return False
 
     def _tokens_left(self, slot: _Slot) -> float:
         """How many more tokens this answer can take before its deadline, at the current pace."""
         task = slot.task
-        if task is None or task.deadline is None:
+        deadline = task.deadline if task is not None else None  # once: see _spare_s
+        if deadline is None:
             return float("inf")
-        return (task.deadline - time.monotonic()) / max(self.token_interval_s, 1e-3)
+        return (deadline - time.monotonic()) / max(self.token_interval_s, 1e-3)
 
     def _pressed(self, slot: _Slot) -> bool:
         """Near the deadline, a section ends at its next sentence end instead of at its budget.
@@ -912,10 +939,15 @@ class GenerationEngine:
             log.warning("KV cache full: %d idle slots' cells released", len(idle))
         return released
 
-    def _preempt(self, slot: _Slot) -> None:
-        """End a background task so that its slot can serve a student."""
+    def _preempt(self, slot: _Slot) -> bool:
+        """End a background task so that its slot can serve a student; not one a student has joined
+        meanwhile (GenerationTask.yield_slot). Whether the slot was freed."""
+        task = slot.task
+        if task is None or not task.yield_slot():
+            return False
         self.counters["preempted"] += 1
         self._finish(slot, "preempted")
+        return True
 
     def _forget(self, slot: _Slot) -> None:
         """Drop every cell of the slot's (or parked prompt's) sequence, and the books of them."""
