@@ -173,6 +173,17 @@ async def test_a_body_that_does_not_decompress_is_a_400_not_a_500(served):
     assert status == 400 and "compresión" in body["error"]
 
 
+async def test_a_body_with_a_bom_is_read_and_one_not_in_utf8_is_named(served, seed):
+    """RFC 8259 lets a reader ignore a leading BOM (Windows tools write one); a body in another
+    encoding is told so, not just "not valid JSON"."""
+    raw = "\ufeff".encode() + json.dumps(seed).encode()
+    status, body = await _raw(served, _post_head(f"Content-Length: {len(raw)}\r\n") + raw)
+    assert status == 200 and body["explicacion"], body
+    raw = json.dumps({**seed, "dieta": "pequeña"}, ensure_ascii=False).encode("latin-1")
+    status, body = await _raw(served, _post_head(f"Content-Length: {len(raw)}\r\n") + raw)
+    assert status == 400 and "UTF-8" in body["error"]
+
+
 async def test_a_body_that_stops_arriving_is_a_408(served, monkeypatch):
     monkeypatch.setattr(routes, "BODY_READ_S", 0.3)
     status, body = await _raw(served, _post_head("Content-Length: 100\r\n") + b'{"edad": ')

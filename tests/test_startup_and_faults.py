@@ -35,7 +35,8 @@ def lab_model(store, path, name: str):
 
 
 async def test_health_is_503_starting_while_loading_then_200(settings):
-    async with own_server(settings, wait=False) as served:
+    # the headsets' limit of 2 questions a minute: retries while starting must not use it up
+    async with own_server(replace(settings, rate_limit_per_min=2), wait=False) as served:
         server, session = served.server, served.session
         async with session.get(server.make_url("/api/v1/health")) as resp:
             first = await resp.json()
@@ -45,9 +46,18 @@ async def test_health_is_503_starting_while_loading_then_200(settings):
         assert resp.status == 503
         assert resp.headers["Retry-After"].isdigit()
         assert "iniciando" in busy["error"]
+        answered = 0
+        for _ in range(3):  # a headset retrying as Retry-After says (faster: the test's time)
+            async with session.post(server.make_url("/api/v1/consultar_profesor"), json=SEED) as resp:
+                assert resp.status in (200, 503)
+                answered += resp.status == 200  # ready already: these do count
+        assert answered < 2, "the server was ready before the test could ask it while starting"
         body = await wait_ready(server, session, poll=0.01)
         assert body["status"] == "healthy"
         assert served.state.engine.running  # healthy means a question finds the engine running
+        # once ready, its questions are answered: the 503s did not count against its limit
+        async with session.post(server.make_url("/api/v1/consultar_profesor"), json=SEED) as resp:
+            assert resp.status == 200, await resp.text()
         async with session.get(server.make_url("/api/v1/health")) as resp:
             assert resp.status == 200
             plan = (await resp.json())["components"]["llm"]["batch_plan"]
@@ -102,6 +112,11 @@ async def test_corrupt_index_is_named_with_its_fix(settings, tmp_path):
         async with session.post(server.make_url("/api/v1/consultar_profesor"), json=SEED) as resp:
             body = await resp.json()
         assert resp.status == 503 and "componentes" in body
+        # search says the same, with the way out: it said "not available yet", retry in 5 s
+        async with session.get(server.make_url("/api/v1/search"), params={"q": "egfr"}) as resp:
+            body = await resp.json()
+        assert resp.status == 503 and resp.headers["Retry-After"] == "30"
+        assert "pulmomed-edge index build" in body["componentes"]["index"]["fix"]
 
 
 async def test_grounding_check_is_off_for_a_model_the_lab_added_unless_asked_for(settings, tmp_path):

@@ -56,7 +56,11 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
 
 # --- the teacher ---------------------------------------------------------------------------
 def _refusal(state: ServerState, request: web.Request) -> web.Response | None:
-    """429 over the headset's rate, 503 while starting or without a knowledge index."""
+    """503 while starting or without a knowledge index, else 429 over the headset's rate. The 503
+    comes first and is not counted: a headset told to retry in 5 s while the models load used up
+    its questions doing so, and was locked out just as the teacher became ready."""
+    if unavailable := _unavailable(state, "El profesor virtual"):
+        return unavailable
     wait = state.rate_limiter.check(request.remote or "?")
     if wait > 0:
         return json_error(
@@ -64,10 +68,15 @@ def _refusal(state: ServerState, request: web.Request) -> web.Response | None:
             "Has hecho demasiadas preguntas seguidas. Espera un momento antes de volver a preguntar.",
             headers={"Retry-After": str(max(1, int(wait + 0.999)))},
         )
+    return None
+
+
+def _unavailable(state: ServerState, what: str) -> web.Response | None:
+    """503 while starting (retry soon), or with a part broken for good (its fault and fix)."""
     if state.status == "starting":
         return json_error(
             503,
-            "El profesor virtual se está iniciando (cargando modelos). Inténtalo en unos segundos.",
+            f"{what} se está iniciando (cargando modelos). Inténtalo en unos segundos.",
             headers={"Retry-After": RETRY_AFTER_S},
             estado="starting",
         )
@@ -75,7 +84,7 @@ def _refusal(state: ServerState, request: web.Request) -> web.Response | None:
         broken = {n: c.as_json() for n, c in state.components.items() if c.status == "failed"}
         return json_error(
             503,
-            "El profesor virtual no está disponible: falta un componente. Avisa al docente.",
+            f"{what} no está disponible: falta un componente. Avisa al docente.",
             headers={"Retry-After": "30"},
             estado=state.status,
             componentes=broken,
@@ -100,10 +109,15 @@ async def _read_state(request: web.Request, state: ServerState) -> SimulationSta
     except web.RequestPayloadError:  # e.g. a Content-Encoding the body does not match
         raise _bad_body("No se pudo leer el cuerpo de la solicitud (¿compresión errónea?).") from None
     try:
+        # a leading BOM is allowed (RFC 8259: a reader may ignore it; Windows tools write one)
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise _bad_body("El cuerpo de la solicitud debe estar codificado en UTF-8.") from None
+    try:
         # NaN/Infinity are not JSON: keep them as floats so validation names the field; so are
         # integers too long for Python to convert (no field's range is anywhere near them)
-        data = json.loads(body.decode("utf-8"), parse_constant=float, parse_int=_json_int)
-    except (UnicodeDecodeError, ValueError):
+        data = json.loads(text, parse_constant=float, parse_int=_json_int)
+    except ValueError:
         raise _bad_body("El cuerpo de la solicitud no es JSON válido.") from None
     except RecursionError:
         # arrays or objects nested thousands deep (the decoder recurses): no state is like that
@@ -251,8 +265,10 @@ async def search(request: web.Request) -> web.Response:
         return web.json_response(
             {"error": "Parámetros de búsqueda no válidos.", "detalles": problems}, status=422, dumps=dumps
         )
-    if state.retriever is None:
-        return json_error(503, "La búsqueda aún no está disponible.", headers={"Retry-After": RETRY_AFTER_S})
+    if state.retriever is None:  # loading, or the index is broken: which, and the way out
+        return _unavailable(state, "La búsqueda") or json_error(
+            503, "La búsqueda aún no está disponible.", headers={"Retry-After": RETRY_AFTER_S}
+        )
     hits = await asyncio.to_thread(state.retriever.search, q, k)
     results = [
         {
