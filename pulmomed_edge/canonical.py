@@ -150,9 +150,13 @@ SMOKING_QUERIES = {
     "exfumador": "exfumador tras el diagnóstico de cáncer de pulmón: seguir sin fumar",
     "nunca": "cáncer de pulmón en nunca fumadores: adenocarcinoma y mutaciones EGFR o ALK",
 }
-# a patient the simulator calls critical or terminal: what care they need comes right after the stage
-PALLIATIVE_QUERY = "cuidados paliativos precoces y control de síntomas en el cáncer de pulmón avanzado"
-_DYING = ("critico", "terminal")
+# a patient the simulator calls critical or terminal: what care they need comes right after the
+# stage; worded to find ASCO's recommendation itself (the Temel trial's passage has none to quote)
+PALLIATIVE_QUERY = (
+    "la guía de ASCO recomienda cuidados paliativos especializados precoces junto al tratamiento "
+    "oncológico en el cáncer de pulmón avanzado"
+)
+DYING = ("critico", "terminal")
 _MANY_RESISTANT = ("10-30 %", "más del 30 %")
 
 
@@ -175,7 +179,7 @@ def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
     if case is not None:
         queries.append(f"caso de biblioteca {case.caso_id} {case.titulo}")
     queries.append(f"estadio {stage_roman} del cáncer de pulmón no microcítico: qué significa y tratamiento")
-    if c.lung_state in _DYING:
+    if c.lung_state in DYING:
         queries.append(PALLIATIVE_QUERY)
     if c.treatment != "ninguno":
         queries.append(TREATMENT_QUERIES[c.treatment])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .canonical import CanonicalState, smoking_phrase, treatment_phrase
+from .canonical import DYING, CanonicalState, smoking_phrase, treatment_phrase
 from .prompts import SENTENCE_BREAK, Sections
 
 # What makes a sentence the recommendation, strongest first: one that names the standard or
@@ -36,6 +36,13 @@ _RECOMMENDATION_HINTS = (
 _NEGATED_HINT = re.compile(
     r"\bno\b(?!\s+microc)[^,;.]{0,30}?(?:recomiend|indicad|est[aá]ndar|de elecci[oó]n)", re.IGNORECASE
 )
+
+# What a critical or terminal patient is not offered, and what they are: the stage's standard
+# (surgery, chemoradiotherapy…) was served to a terminal patient on immunotherapy
+_SURGERY = re.compile(
+    r"\b(?:cirug[ií]a|operar|operables?|resecci[oó]n|lobectom[ií]a|quir[uú]rgic)", re.IGNORECASE
+)
+_PALLIATIVE = re.compile(r"\bpaliativ", re.IGNORECASE)
 
 # A library case's passages open with its internal id and a short description (the summary's
 # lead-in already says which case it is): «Caso de biblioteca SEER_001_estadio_IA (…): paciente…»
@@ -71,7 +78,7 @@ def extractive_sections(
     first_number, first_text = passages[0]
     lead = sentences(first_text)[:2]
     explicacion = f"{situation} " + " ".join(lead) + f" [{first_number}]"
-    recommendation = _recommendation_sentence(passages)
+    recommendation = _recommendation_sentence(passages, dying=state.lung_state in DYING)
     return Sections(explicacion=explicacion.strip(), recomendacion=recommendation)
 
 
@@ -82,20 +89,27 @@ def _without_case_label(text: str) -> str:
     return rest[:1].upper() + rest[1:] if found else rest
 
 
-def _recommendation_sentence(passages: list[tuple[int, str]]) -> str:
+def _recommendation_sentence(passages: list[tuple[int, str]], *, dying: bool = False) -> str:
     """The sentence with the strongest hint (_RECOMMENDATION_HINTS) of all the passages, leaving
     out those that say what is not done; among equally strong ones, the first in retrieval order;
-    else the last passage's first sentence."""
+    else the last passage's first sentence. For a critical or terminal patient (`dying`), a
+    sentence on palliative care comes before any other, and none that offers surgery."""
     candidates = [
         (number, sentence)
         for number, text in passages
         for sentence in sentences(text)
-        if not _NEGATED_HINT.search(sentence)
+        if not _NEGATED_HINT.search(sentence) and not (dying and _SURGERY.search(sentence))
     ]
+    palliative = [c for c in candidates if _PALLIATIVE.search(c[1])] if dying else []
+    if palliative:  # the strongest of them, else the first: before any other passage's
+        candidates = palliative
     for hints in _RECOMMENDATION_HINTS:
         for number, sentence in candidates:
             lowered = sentence.lower()
             if any(hint in lowered for hint in hints):
                 return f"{sentence} [{number}]"
+    if palliative:
+        number, sentence = palliative[0]
+        return f"{sentence} [{number}]"
     number, text = passages[-1]
     return f"{sentences(text)[0]} [{number}]"

@@ -191,6 +191,32 @@ async def test_every_passage_label_in_a_prompt_is_an_entry_of_fuentes(served):
         assert [sources[n - 1] for n in labels] == [p.fuente for p in prepared.passages]
 
 
+async def test_a_critical_or_terminal_patient_is_recommended_palliative_care_never_surgery(settings):
+    """A terminal patient on immunotherapy was recommended the stage's standard («…pueden operarse…
+    el estándar es la quimiorradioterapia…»): the stage passage leads and has the strongest hint.
+    For a critical or terminal patient the recommendation is now ASCO's on palliative care."""
+    async with own_server(with_settings(settings, model="no-such-model")) as served:
+        for volume in (1.0, 20.0, 90.0):
+            for treatment in ("ninguno", "inmuno"):
+                for lung_state in ("critico", "terminal"):
+                    body = {"edad": 82, "pack_years": 40, "volumen_tumor_sensible": volume}
+                    body |= {"tratamiento_activo": treatment, "lung_state": lung_state}
+                    status, answer = await post(served, body)
+                    assert status == 200, answer
+                    recommendation = answer["recomendacion"]
+                    assert "paliativos" in recommendation and "recomienda" in recommendation, (body, answer)
+                    assert not re.search(r"cirug|operar|lobectom|resecc", recommendation, re.I), (
+                        recommendation
+                    )
+                    # the stage passage still explains the stage; the citation names its source
+                    assert "palia-que-es-01" in answer["pasajes"]
+                    cited = int(CITATION.findall(recommendation)[-1])
+                    assert answer["fuentes"][cited - 1].startswith("ASCO 2017")
+        # the same state, stable: the stage's standard as before
+        status, answer = await post(served, {"edad": 82, "pack_years": 40, "volumen_tumor_sensible": 1.0})
+        assert "lobectomía" in answer["recomendacion"]
+
+
 # --- origen on every path ---------------------------------------------------------------------
 
 
