@@ -258,7 +258,7 @@ def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
 
     name = settings.model or store.default_name("llm", test=settings.test_models)
     component = state.components["llm"]
-    entry = store.entry(name)
+    entry = store.entry(name, role="llm")
     component.detail = {"model": name, "sha256": entry.sha256, "loaded": False}
     if entry.role != "llm":
         llms = ", ".join(e.name for e in store.entries() if e.role == "llm")

@@ -108,10 +108,12 @@ class ModelStore:
         """Pinned entries first (manifest order), then the lab's added ones."""
         return [*self._pinned.values(), *self._local_entries().values()]
 
-    def entry(self, name: str) -> ModelEntry:
+    def entry(self, name: str, *, role: str | None = None) -> ModelEntry:
+        """The model of that name; unknown: an error listing the known ones (of `role` only, when
+        the caller needs that kind: `--model` was offered the tokenizer, which it then refused)."""
         found = self._pinned.get(name) or self._local_entries().get(name)
         if found is None:
-            known = ", ".join(e.name for e in self.entries())
+            known = ", ".join(e.name for e in self.entries() if role is None or e.role == role)
             raise ModelError(
                 f"Modelo desconocido: «{name}». Modelos conocidos: {known}.",
                 f"Unknown model: {name!r}. Known models: {known}.",

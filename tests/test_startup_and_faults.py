@@ -71,6 +71,9 @@ async def test_unknown_model_answers_with_grounded_fallback_unavailable(settings
         assert status == 503 and report["status"] == "degraded"
         assert report["components"]["llm"]["status"] == "failed"
         assert "models add" in report["components"]["llm"]["fix"]
+        # the names it offers are language models only (the tokenizer was offered, then refused)
+        error = report["components"]["llm"]["error"]
+        assert "smollm2-135m-instruct-q4_1" in error and "all-minilm" not in error
         async with session.post(server.make_url("/api/v1/consultar_profesor"), json=SEED) as resp:
             body = await resp.json()
         assert resp.status == 200
