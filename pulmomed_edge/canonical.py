@@ -144,10 +144,14 @@ def treatment_phrase(c: CanonicalState) -> str:
 
 RESISTANCE_QUERY = "volumen resistente: selección clonal y resistencia adquirida al tratamiento"
 SMOKING_QUERIES = {
-    "fumador": "beneficios de dejar de fumar tras el diagnóstico de cáncer de pulmón",
+    # a smoker with a tumour: quitting now still matters (Parsons), not the prevention passage
+    "fumador": (
+        "dejar de fumar después del diagnóstico de cáncer de pulmón: seguir fumando aumenta la mortalidad"
+    ),
     # the patient already has a tumour: screening (what "exfumador" alone finds) is not their
-    # question, staying off tobacco is (answers recommended a low-dose CT to stage a known cancer)
-    "exfumador": "exfumador tras el diagnóstico de cáncer de pulmón: seguir sin fumar",
+    # question (answers recommended a low-dose CT to stage a known cancer), nor quitting after the
+    # diagnosis (answers told an ex-smoker of years to quit); that quitting pays at any age is
+    "exfumador": "exfumador: dejar de fumar beneficia a cualquier edad y aumenta la esperanza de vida",
     "nunca": "cáncer de pulmón en nunca fumadores: adenocarcinoma y mutaciones EGFR o ALK",
 }
 # a patient the simulator calls critical or terminal: what care they need comes right after the

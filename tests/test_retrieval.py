@@ -432,6 +432,16 @@ def test_an_ex_smoker_with_a_tumour_is_not_taught_screening(teacher):
     texts = [p.texto.lower() for p in teacher.retrieve(state, None)]
     assert not any("nlst" in t or "cribado" in t.split(".")[0] for t in texts), texts
     assert any("dejar de fumar" in t or "sin fumar" in t for t in texts), texts
+    # nor told to quit: the passage opening «Dejar de fumar después del diagnóstico… sigue siendo
+    # importante» became «debe dejar de fumar» for a patient who quit years ago
+    assert not any("después del diagnóstico" in t.split(".")[0] for t in texts), texts
+
+
+def test_a_smoker_with_a_tumour_is_taught_that_quitting_now_still_matters(teacher):
+    """Not the prevention passage («reduce el riesgo de cáncer de pulmón»): they have one."""
+    state = canonicalize(_state(100.0, es_fumador=True, pack_years=45))
+    ids = [p.id for p in teacher.retrieve(state, None)]
+    assert "tab-dejar-fumar-02" in ids and "tab-dejar-fumar-01" not in ids, ids
 
 
 @pytest.mark.parametrize(
