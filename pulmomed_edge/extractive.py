@@ -44,6 +44,13 @@ _SURGERY = re.compile(
 )
 _PALLIATIVE = re.compile(r"\bpaliativ", re.IGNORECASE)
 
+# The sentence after a recommendation that limits it («Ese ensayo solo incluyó pacientes con ECOG
+# 0–1, así que en ECOG 2 la decisión se individualiza»): the summary quoted pembrolizumab for an
+# ECOG 2 patient without it
+_CAVEAT = re.compile(
+    r"^(?:Es[ea]s? (?:ensayo|esquema|estudio|opci[oó]n|tratamiento)|Aun as[ií]|Sin embargo)|individualiza"
+)
+
 # A library case's passages open with its internal id and a short description (the summary's
 # lead-in already says which case it is): «Caso de biblioteca SEER_001_estadio_IA (…): paciente…»
 _CASE_LABEL = re.compile(r"^Caso de biblioteca \S+ \(.*?\):\s+")
@@ -93,23 +100,34 @@ def _recommendation_sentence(passages: list[tuple[int, str]], *, dying: bool = F
     """The sentence with the strongest hint (_RECOMMENDATION_HINTS) of all the passages, leaving
     out those that say what is not done; among equally strong ones, the first in retrieval order;
     else the last passage's first sentence. For a critical or terminal patient (`dying`), a
-    sentence on palliative care comes before any other, and none that offers surgery."""
+    sentence on palliative care comes before any other, and none that offers surgery. A caveat
+    that follows it in its passage comes with it (_CAVEAT)."""
     candidates = [
-        (number, sentence)
+        (number, sentence, following)
         for number, text in passages
-        for sentence in sentences(text)
+        for sentence, following in _with_next(sentences(text))
         if not _NEGATED_HINT.search(sentence) and not (dying and _SURGERY.search(sentence))
     ]
     palliative = [c for c in candidates if _PALLIATIVE.search(c[1])] if dying else []
     if palliative:  # the strongest of them, else the first: before any other passage's
         candidates = palliative
     for hints in _RECOMMENDATION_HINTS:
-        for number, sentence in candidates:
+        for number, sentence, following in candidates:
             lowered = sentence.lower()
             if any(hint in lowered for hint in hints):
-                return f"{sentence} [{number}]"
+                return _cited(sentence, following, number)
     if palliative:
-        number, sentence = palliative[0]
-        return f"{sentence} [{number}]"
+        return _cited(*palliative[0])
     number, text = passages[-1]
     return f"{sentences(text)[0]} [{number}]"
+
+
+def _with_next(found: list[str]) -> list[tuple[str, str]]:
+    """Each sentence with the one after it ("" for the last)."""
+    return list(zip(found, [*found[1:], ""], strict=True))
+
+
+def _cited(sentence: str, following: str, number: int) -> str:
+    """The recommendation with its caveat when the next sentence is one, then its citation."""
+    text = f"{sentence} {following}" if following and _CAVEAT.search(following) else sentence
+    return f"{text} [{number}]"

@@ -76,20 +76,41 @@ def novel_terms(sentence: str, support: frozenset[str]) -> list[str]:
 
 
 def unsupported(
-    sentence: str, support: frozenset[str], *, max_novel: int = MAX_NOVEL, stage: str | None = None
+    sentence: str,
+    support: frozenset[str],
+    *,
+    max_novel: int = MAX_NOVEL,
+    stage: str | None = None,
+    patient: frozenset[str] | None = None,
 ) -> bool:
     """Whether the sentence is withheld: it brings enough terms of its own, or it gives the patient
-    a stage other than `stage` (misstates_stage)."""
+    a stage other than `stage` (misstates_stage), or it only strings together the terms of the
+    patient line (`patient`, its terms; None: not checked; restates_patient)."""
     if misstates_stage(sentence, stage) or inverts_resistance(sentence):
+        return True
+    if patient is not None and restates_patient(sentence, patient):
         return True
     novel = len(novel_terms(sentence, support))
     return novel >= max_novel and novel >= MIN_NOVEL_SHARE * len(set(terms(sentence)))
+
+
+def restates_patient(sentence: str, patient: frozenset[str]) -> bool:
+    """Whether every term of the sentence is one of the patient line's (`patient`): «El paciente
+    está en estado pulmonar crítico, ya que su edad es 50-59 años» says nothing a source does,
+    and every word was in the prompt, so the term check passed it. 5 of 43 sentences of the
+    default model's explanations (24 answers read) were such strings of the patient's labels; the
+    summary that stands in for an emptied section opens with the patient's state anyway."""
+    found = terms(sentence)
+    return bool(found) and all(t in patient for t in found)
 
 
 # a stage's group and letter ("IV", "IIB", "IA2"), then where it is found: after "estadio(s)" in a
 # sentence, anywhere in a stage's own text
 _ROMAN_STAGE = r"(IV|I{1,3})([ABC])?(?![A-Za-z])"
 _STAGE_MENTION = re.compile(r"\b[Ee]stadios?\s+" + _ROMAN_STAGE)
+# a stage in brackets after the tumour it names: «Su tumor es de más de 4 y hasta 5 cm sin
+# ganglios (IIA)» for a stage IIB patient
+_BRACKETED_STAGE = re.compile(r"\((IV|I{1,3})([ABC])?\)")
 _STAGE = re.compile(r"(?<![A-Za-z])" + _ROMAN_STAGE)
 # one patient, or their tumour ("el tumor en estadio IB…" is as much about them)
 _ONE_PATIENT = re.compile(r"\b(?:paciente|enfermo|enferma|(?:el|su|este)\s+tumor)\b", re.IGNORECASE)
@@ -120,7 +141,8 @@ def misstates_stage(sentence: str, stage: str | None) -> bool:
             return True
         return any(group == g and (not letter or not lt or letter == lt) for g, lt in own)
 
-    return not all(theirs(group, letter) for group, letter in _STAGE_MENTION.findall(sentence))
+    named = _STAGE_MENTION.findall(sentence) + _BRACKETED_STAGE.findall(sentence)
+    return not all(theirs(group, letter) for group, letter in named)
 
 
 # resistant cells said to respond (the very thing they do not do), unless denied
@@ -152,9 +174,12 @@ class SentenceGate:
     returns the last sentences once the answer is complete. A trailing unfinished sentence is
     never sent (the final answer drops it too)."""
 
-    def __init__(self, support: frozenset[str], stage: str | None = None) -> None:
+    def __init__(
+        self, support: frozenset[str], stage: str | None = None, *, patient: frozenset[str] | None = None
+    ) -> None:
         self.support = support
         self.stage = stage
+        self.patient = patient
         self._pending = {"explicacion": "", "recomendacion": ""}
         self._sent = {"explicacion": 0, "recomendacion": 0}
 
@@ -178,7 +203,8 @@ class SentenceGate:
 
     def _release(self, section: str, sentence: str) -> list[tuple[str, str]]:
         sentence = " ".join(sentence.split())
-        if says_nothing(sentence) or unsupported(sentence, self.support, stage=self.stage):
+        withheld = unsupported(sentence, self.support, stage=self.stage, patient=self.patient)
+        if says_nothing(sentence) or withheld:
             return []
         self._sent[section] += 1
         return [(section, sentence if self._sent[section] == 1 else " " + sentence)]
@@ -199,6 +225,7 @@ def ground_sections(
     *,
     max_novel: int = MAX_NOVEL,
     stage: str | None = None,
+    patient: frozenset[str] | None = None,
 ) -> Grounded:
     """The answer without the sentences `unsupported` withholds; an emptied section becomes the
     fallback's (and is named in `filled`)."""
@@ -211,7 +238,7 @@ def ground_sections(
         for sentence in sentences(getattr(answer, name)):
             if says_nothing(sentence):
                 continue
-            if unsupported(sentence, support, max_novel=max_novel, stage=stage):
+            if unsupported(sentence, support, max_novel=max_novel, stage=stage, patient=patient):
                 withheld.append(sentence)
             else:
                 good.append(sentence)

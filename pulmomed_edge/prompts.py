@@ -40,6 +40,11 @@ ANSWER_GRAMMAR = 'root ::= " " line "\\n" "Recomendación:" " " line' + _LINE_RU
 EXPLANATION_GRAMMAR = 'root ::= " " line' + _LINE_RULES
 
 PASSAGE_WORDS = 32
+# a library case's own passage: its opening sentence is only who the patient is, and the model
+# made up the findings («nódulos en el otro pulmón» for a pleural effusion); its next sentences
+# have them, and every student of that case shares them (one cached prefix per case)
+CASE_PASSAGE_WORDS = 90
+CASE_PASSAGE = "Caso de biblioteca "
 # a sentence ends at a closing mark followed by a space ("8.ª", "0.5" go on): one rule for
 # tightening passages, the extractive answer, and the grounding check (streamed and final)
 SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
@@ -129,8 +134,12 @@ def render_prompt(
 ) -> str:
     """The whole prompt text, ending where the model starts writing the explanation."""
     numbers = citation_numbers(p.fuente for p in passages)
-    numbered = [PromptPassage(n, tighten(p.texto)) for n, p in zip(numbers, passages, strict=True)]
+    numbered = [PromptPassage(n, _tightened(p.texto)) for n, p in zip(numbers, passages, strict=True)]
     return template.render(SYSTEM_PROMPT, user_message(numbered, state, case), EXPLANATION_LABEL)
+
+
+def _tightened(text: str) -> str:
+    return tighten(text, CASE_PASSAGE_WORDS if text.startswith(CASE_PASSAGE) else PASSAGE_WORDS)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from .prompts import (
     SectionTracker,
     citation_numbers,
     complete_sentences,
+    patient_line,
     render_prompt,
     split_sections,
     user_message,
@@ -117,6 +118,8 @@ class Prepared:
     prompt: list[int] | None  # None when no LLM is loaded
     # the terms the model is shown: what its sentences may claim (grounding.py; empty without LLM)
     support: frozenset[str] = frozenset()
+    # the patient line's: a sentence made of these alone is withheld (grounding.py)
+    patient: frozenset[str] | None = None
 
     @property
     def stage(self) -> str:
@@ -278,11 +281,13 @@ class TeacherService:
         llm = self.llm
         prompt = None
         support: frozenset[str] = frozenset()
+        patient: frozenset[str] | None = None
         if llm is not None:
             passages, prompt = self._fit_prompt(canon, case, passages)
             support = _support(canon, case, passages)
+            patient = support_of([patient_line(canon, case)])
         key = cache_key(canon, [p.id for p in passages], llm.sha256 if llm else "-", self.index_id)
-        return Prepared(canon, case, passages, key, prompt, support)
+        return Prepared(canon, case, passages, key, prompt, support, patient)
 
     def _fit_prompt(
         self, canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]
@@ -576,7 +581,11 @@ class TeacherService:
         tracker = SectionTracker()
         # with the grounding check on, students get whole checked sentences: never one that the
         # final answer then takes back
-        gate = SentenceGate(prepared.support, prepared.stage) if self.config.checked_stream else None
+        gate = (
+            SentenceGate(prepared.support, prepared.stage, patient=prepared.patient)
+            if self.config.checked_stream
+            else None
+        )
         # the fallback must reach the student within the budget, not just leave this coroutine
         deadline = flight.created + budget_s - DELIVERY_MARGIN_S
         first_text: float | None = None
@@ -631,8 +640,9 @@ class TeacherService:
         if not self.config.grounding:
             final, origin = _completed(sections, self._extractive(prepared))
             return self._response(prepared, final, model, origin)
+        summary = self._extractive(prepared)
         grounded = ground_sections(
-            sections, prepared.support, self._extractive(prepared), stage=prepared.stage
+            sections, prepared.support, summary, stage=prepared.stage, patient=prepared.patient
         )
         self.grounding["answers"] += 1
         if grounded.withheld:

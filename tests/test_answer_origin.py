@@ -18,7 +18,7 @@ from pulmomed_edge.canonical import canonicalize
 from pulmomed_edge.config import CORPUS_DIR
 from pulmomed_edge.corpus import load_corpus
 from pulmomed_edge.extractive import extractive_sections, sentences
-from pulmomed_edge.grounding import ground_sections
+from pulmomed_edge.grounding import SentenceGate, ground_sections, unsupported
 from pulmomed_edge.prompts import Sections, citation_numbers, render_prompt
 from pulmomed_edge.schema import parse_state
 from pulmomed_edge.teacher import Flight
@@ -146,6 +146,22 @@ def test_a_library_case_recommendation_is_its_standard_treatment():
     assert "Paciente de 58 años" in summary.explicacion and "SEER_" not in summary.explicacion
 
 
+def test_a_library_case_recommendation_keeps_its_caveat_and_names_the_plan():
+    """SEER_004 is ECOG 2: pembrolizumab came without «Ese ensayo solo incluyó pacientes con ECOG
+    0–1…»; SEER_006 without whether he tolerates chemoradiotherapy; SEER_003 got «Si llegara a
+    enfermedad avanzada…», the plan for a stage it is not in, instead of osimertinib's plan."""
+    state = canonicalize(parse_state({"age": 71, "pack_years": 38, "sensitive_tumor_volume": 45.6}, set()))
+    seer_004 = extractive_sections(state, passages("caso-seer-004-01"), "IVB").recomendacion
+    assert "pembrolizumab" in seer_004 and "ECOG 2 la decisión se individualiza" in seer_004
+    seer_006 = extractive_sections(state, passages("caso-seer-006-01"), "IIIB").recomendacion
+    assert "durvalumab" in seer_006 and "lo tolera" in seer_006 and "EMA" not in seer_006
+    seer_003 = extractive_sections(state, passages("caso-seer-003-01"), "IIIA").recomendacion
+    assert seer_003.startswith("La mutación cambia el plan") and "osimertinib" in seer_003
+    # a sentence after it that is not a caveat stays out
+    seer_001 = extractive_sections(state, passages("caso-seer-001-02"), "IA").recomendacion
+    assert seer_001.endswith("con evaluación sistemática de los ganglios linfáticos. [1]"), seer_001
+
+
 def test_a_sentence_saying_what_is_not_done_is_never_the_recommendation():
     """«La radiografía de tórax no se recomienda para el cribado…» has the strongest hint and came
     first: it was served as what to do (the recommendation is the summary's with the pinned
@@ -247,6 +263,26 @@ async def test_generated_answers_say_who_wrote_each_section_in_json_stream_and_c
         for name in SECTIONS:
             if done["origen"][name] == "fuentes":
                 assert done[name] == getattr(summary, name)
+
+
+async def test_a_sentence_made_only_of_the_patient_line_is_withheld(served):
+    """«El paciente está en estado pulmonar crítico, ya que su edad es 60-69 años»: every word was
+    in the prompt (the patient line), so the term check passed it; it takes nothing from a source.
+    A sentence that restates a passage about the patient stays."""
+    teacher = served.state.teacher
+    body = {"age": 64, "pack_years": 40, "sensitive_tumor_volume": 30.0, "lung_state": "critico"}
+    prepared = await asyncio.to_thread(teacher.prepare, parse_state(body, set()))
+    labels = "El paciente está en estado pulmonar crítico, ya que su edad es 60-69 años."
+    assert "60-69" in user_prompt(teacher, prepared) and not unsupported(labels, prepared.support)
+    restated = sentences(prepared.passages[0].texto)[0].rstrip(".") + " [1]."
+    checked = teacher._checked(prepared, Sections(f"{labels} {restated}", restated), "modelo-de-prueba")
+    assert checked.explicacion == restated and checked.frases_retiradas == 1
+    gate = SentenceGate(prepared.support, prepared.stage, patient=prepared.patient)
+    assert gate.feed("explicacion", labels + " ") == []
+
+
+def user_prompt(teacher, prepared) -> str:
+    return render_prompt(teacher.llm.template, prepared.state, prepared.case, prepared.passages)
 
 
 async def test_a_model_answer_with_one_section_withheld_is_mixed(served):

@@ -448,6 +448,19 @@ async def test_a_library_case_prompt_takes_its_stage_from_the_case_not_the_volum
     assert f"Paciente: estadio del caso: {case.estadio};" in text
 
 
+async def test_a_library_case_prompt_shows_its_findings_not_its_diet(served):
+    """The case passage's opening sentence is only who the patient is: with just that, the model
+    invented SEER_005's findings («nódulos en el otro pulmón») and talked of diet."""
+    teacher = served.state.teacher
+    case = teacher.library.get("SEER_005_joven_nunca_fumador")
+    body = {"edad": case.edad, "volumen_tumor_sensible": case.volumen_inicial_sensible}
+    body |= {"modo": "biblioteca", "caso_id": case.caso_id}
+    prepared = teacher.prepare(parse_state(body, teacher.library.ids))
+    text = _render(teacher, prepared)
+    assert "derrame pleural maligno" in text and "reordenamiento de ALK" in text
+    assert "dieta" not in text
+
+
 def _render(teacher, prepared) -> str:
     return render_prompt(teacher.llm.template, prepared.state, prepared.case, prepared.passages)
 

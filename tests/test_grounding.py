@@ -10,6 +10,7 @@ from pulmomed_edge.grounding import (
     inverts_resistance,
     misstates_stage,
     novel_terms,
+    restates_patient,
     support_of,
     unsupported,
 )
@@ -166,6 +167,10 @@ def test_sentence_gate_streams_whole_checked_sentences_only(esophagitis):
         ("Un tumor de más de 7 cm es T4, estadio IIIA.", "IIB (T3)", False),
         ("El paciente tiene un derrame pleural maligno, estadio IVA.", "IVA", False),
         ("El tratamiento del estadio IV es sistémico.", "IIB (T3)", False),  # not about the patient
+        # a stage in brackets (the default model's answer to SEER_002, a T2b N1 stage IIB)
+        ("Su tumor es de más de 4 y hasta 5 cm sin ganglios (IIA).", "IIB", True),
+        ("Su tumor es T2b con ganglios hiliares (IIB).", "IIB", False),
+        ("Su tumor afecta a ganglios hiliares (N1).", "IIB", False),  # a node category, not a stage
     ],
 )
 def test_a_sentence_giving_the_patient_another_stage_is_withheld(sentence, stage, misstated):
@@ -201,3 +206,18 @@ def test_a_sentence_giving_the_patient_another_stage_is_withheld(sentence, stage
 def test_a_sentence_that_turns_resistance_around_is_withheld(sentence, inverted):
     assert inverts_resistance(sentence) is inverted
     assert unsupported(sentence, support_of([sentence])) is inverted
+
+
+def test_a_sentence_of_the_patient_line_alone_is_withheld_one_adding_to_it_is_not():
+    """The default model strung the patient's labels together as explanation (5 of 43 sentences
+    read); a sentence that says something of its own about the patient is kept."""
+    patient = support_of(["Paciente: estadio aproximado IIB (T3); sin tratamiento activo; "
+                          "sin células resistentes; edad 60-69 años; exfumador, 20-39 paquetes-año; "
+                          "estado pulmonar crítico."])  # fmt: skip
+    assert restates_patient(
+        "El paciente está en estado pulmonar crítico, ya que su edad es 60-69 años.", patient
+    )
+    assert restates_patient("El paciente está aproximado a la edad 60-69 años, con un exfumador.", patient)
+    assert not restates_patient("El estadio IIB se trata con cirugía y quimioterapia adyuvante [1].", patient)
+    assert not restates_patient("Es un exfumador cuyo tumor no ha recibido tratamiento.", patient)
+    assert not restates_patient("[1].", patient)  # says nothing: dropped elsewhere, not withheld here
