@@ -240,3 +240,25 @@ def test_a_student_leaving_a_joined_background_task_mid_step_never_fails_the_eng
         assert engine.failure is None and engine.running
     finally:
         engine.stop()
+
+
+def test_the_warm_up_measures_this_machines_prompt_speed(runtime):
+    """Admission's first estimates used a guess from the AVX2 laptop (80 prompt tokens/s); on a
+    faster CPU a class's first questions were refused as too slow to answer. The warm-up, which
+    reads the shared system prompt anyway, now sets the rate it measured."""
+    engine = GenerationEngine(runtime, slots=2, parked=0)
+    template = ChatTemplate.from_runtime(runtime)
+    prefix = runtime.tokenize(template.render(SYSTEM_PROMPT, "x"))[:48]
+    assert engine.prefill_rate == scheduler.PREFILL_RATE_GUESS
+    began = time.monotonic()
+    engine.start(warm_prefix=prefix)
+    try:
+        deadline = time.monotonic() + HANG_S
+        while engine.slots[-1].kv_tokens != prefix:  # the warm-up is done once every slot has it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        elapsed = time.monotonic() - began
+        assert engine.prefill_rate != scheduler.PREFILL_RATE_GUESS
+        assert engine.prefill_rate >= len(prefix) / elapsed  # it timed the warm-up alone
+    finally:
+        engine.stop()

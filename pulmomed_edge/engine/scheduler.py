@@ -37,6 +37,8 @@ WORKER_NICE = 5  # see _yield_to_the_event_loop
 # a pass of the worker's loop (admission and one step, well under 2 s even with the 3B model)
 # running this long means the engine is stuck: health says so, and students get the summary at once
 STALL_S = 30.0
+# prompt tokens/s admission assumes before the engine has measured any (AVX2 laptop, 0.5B model)
+PREFILL_RATE_GUESS = 80.0
 # near its deadline an answer wraps up: the explanation leaves this many tokens for the
 # recommendation, and a section that has MIN_SECTION_TOKENS ends at its next sentence end once
 # fewer than WRAP_UP_TOKENS more would fit
@@ -260,7 +262,7 @@ class GenerationEngine:
         self.stall_after_s = STALL_S
         self._pass_started: float | None = None  # when the worker's current pass began (None: waiting)
         # measured speeds for admission: prompt tokens/s, and the cost of decode calls
-        self.prefill_rate = 80.0
+        self.prefill_rate = PREFILL_RATE_GUESS  # until the warm-up measures it (_warm)
         self.step_cost = StepCost()  # decode-only calls by row count: what admission plans with
         self.token_interval_s = 0.05  # any step that decodes: what a streaming student waits per token
         self.counters = {
@@ -505,6 +507,7 @@ class GenerationEngine:
         """Evaluate the shared system prefix once and share its KV cells with every slot."""
         first = self.slots[0]
         start = 0
+        began = time.monotonic()
         while start < len(prefix):
             if self._stopping:  # a shutdown during start-up: stop within one chunk, not after all
                 return
@@ -513,6 +516,11 @@ class GenerationEngine:
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed warming the prefix (code {rc})")
             start += len(chunk)
+        if len(prefix) >= 16:
+            # admission's first estimates from this machine, not from the guess it starts with:
+            # prompts read ~2.4× faster on an AVX-512 CPU than on the AVX2 one that guess is from,
+            # and a class's first questions were refused as too slow to answer (BENCHMARKS.md)
+            self.prefill_rate = len(prefix) / max(1e-3, time.monotonic() - began)
         first.kv_tokens = list(prefix)
         first.prompt_len = len(prefix)
         for slot in self.slots[1:]:
