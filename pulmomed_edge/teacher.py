@@ -536,7 +536,12 @@ class TeacherService:
             left_s = ANSWER_SHARE * budget_s - (time.monotonic() - flight.created)
             affordable = int((left_s - first_token_s) / max(per_token_s, 1e-3))
             late = first_token_s > self.config.admit_share * budget_s
-            short = math.isfinite(self.config.admit_share) and affordable < ADMIT_MIN_TOKENS
+            # the fewest tokens worth starting for: with the recommendation from the sources the
+            # model writes the explanation alone, the same share of them as of its budget
+            least = ADMIT_MIN_TOKENS
+            if self.config.recommendation_from_sources:
+                least = ADMIT_MIN_TOKENS * 3 // 5
+            short = math.isfinite(self.config.admit_share) and affordable < least
             # nor may a new student make the answers already running miss their budget (they wrap
             # up from ANSWER_SHARE of it; what matters is the budget itself)
             grace_s = (1 - ANSWER_SHARE) * budget_s - DELIVERY_MARGIN_S
@@ -547,6 +552,13 @@ class TeacherService:
                 reason = "late" if late else "short" if short else "crowds" if crowds else None
                 if reason:
                     self.busy[reason] += 1
+                    log.info(
+                        "busy (%s): first word expected after %.1f s, %d tokens would fit; engine: %s",
+                        reason,
+                        first_token_s,
+                        affordable,
+                        engine.stats(),
+                    )
                     return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
             max_new = min(max_new, max(MIN_ANSWER_TOKENS, affordable))
             # the engine wraps the answer up before the budget rather than letting it time out
