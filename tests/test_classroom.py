@@ -524,10 +524,13 @@ async def test_backfill_answers_a_busy_state_once_the_engine_is_idle(settings, s
         assert report["activity"]["by_kind"] == {"fallback-busy": 1, "cache": 1}
 
 
+# backfills that write long enough for a test to act while they run
+BACKFILL_LONG = {"backfill": True, "max_new_tokens": 1200, "max_prompt_tokens": 512}
+
+
 async def test_a_student_goes_first_and_the_backfill_waits_then_finishes(settings, seed):
     # long answers keep the background generation running while the student asks
-    changes = {"backfill": True, "max_new_tokens": 1200, "max_prompt_tokens": 512}
-    async with own_server(with_settings(settings, **changes)) as served:
+    async with own_server(with_settings(settings, **BACKFILL_LONG)) as served:
         teacher, engine = served.state.teacher, served.state.engine
         busy_state = {**seed, "age": 71}
         status, first = await _busy_answer(served, busy_state)
@@ -549,17 +552,23 @@ async def test_a_student_goes_first_and_the_backfill_waits_then_finishes(setting
         assert again["cache"] == "hit" and generated(again["llm_model"], teacher.llm.name)
 
 
+async def _running_backfill(served, busy_state: dict) -> Flight:
+    """A state answered busy, then the backfill writing it, once it has reached the engine."""
+    teacher = served.state.teacher
+    status, first = await _busy_answer(served, busy_state)
+    assert status == 200 and first["llm_model"] == "fallback-busy"
+    await _until(lambda: teacher.backfill_stats()["running"] == 1, "the backfill to start", step=0.01)
+    backfill = next(f for f in teacher._flights.values() if f.backfill)
+    # registered first, submitted a moment later
+    await _until(lambda: backfill.task is not None, "the backfill to reach the engine", step=0.01)
+    return backfill
+
+
 async def test_a_student_who_asks_the_backfilled_state_joins_and_promotes_it(settings, seed):
-    changes = {"backfill": True, "max_new_tokens": 1200, "max_prompt_tokens": 512}
-    async with own_server(with_settings(settings, **changes)) as served:
+    async with own_server(with_settings(settings, **BACKFILL_LONG)) as served:
         teacher = served.state.teacher
         busy_state = {**seed, "age": 72}
-        status, first = await _busy_answer(served, busy_state)
-        assert status == 200 and first["llm_model"] == "fallback-busy"
-        await _until(lambda: teacher.backfill_stats()["running"] == 1, "the backfill to start", step=0.01)
-        backfill = next(f for f in teacher._flights.values() if f.backfill)
-        # registered first, submitted a moment later
-        await _until(lambda: backfill.task is not None, "the backfill to reach the engine", step=0.01)
+        backfill = await _running_backfill(served, busy_state)
         # a student who joins and leaves: the backfill takes their deadline, then drops it and
         # goes on as background work (it used to stay a student's task until that deadline)
         events = teacher.stream(parse_state(busy_state, teacher.library.ids))
@@ -581,15 +590,10 @@ async def test_a_student_arriving_as_the_backfill_loses_its_slot_gets_their_own_
     """The worker takes a backfill's slot for another student; its "preempted" end is still on
     its way to the event loop when a student asks that very state. The student used to join it
     and get `fallback-busy` at once; now the join is refused and they get their own generation."""
-    changes = {"backfill": True, "max_new_tokens": 1200, "max_prompt_tokens": 512}
-    async with own_server(with_settings(settings, **changes)) as served:
+    async with own_server(with_settings(settings, **BACKFILL_LONG)) as served:
         teacher = served.state.teacher
         busy_state = {**seed, "age": 73}
-        status, first = await _busy_answer(served, busy_state)
-        assert status == 200 and first["llm_model"] == "fallback-busy"
-        await _until(lambda: teacher.backfill_stats()["running"] == 1, "the backfill to start", step=0.01)
-        backfill = next(f for f in teacher._flights.values() if f.backfill)
-        await _until(lambda: backfill.task is not None, "the backfill to reach the engine", step=0.01)
+        backfill = await _running_backfill(served, busy_state)
         assert backfill.task.yield_slot()  # the worker's decision, the instant before it ends the task
         status, answer = await post(served, busy_state)
         assert status == 200 and answer["cache"] == "miss", answer
