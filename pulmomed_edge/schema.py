@@ -251,7 +251,10 @@ def _spanish(err: Any) -> str:
     if kind in ("less_than_equal", "less_than"):
         return f"Debe ser menor o igual que {ctx.get('le', ctx.get('lt'))}."
     if kind == "finite_number" or "not_finite" in str(ctx.get("error", "")):
-        return "Debe ser un número finito (no NaN ni Infinity)."
+        return "Debe ser un número finito (no NaN, Infinity ni un número demasiado grande)."
+    if kind == "int_parsing_size" or (kind.startswith("float") and isinstance(err.get("input"), int)):
+        # an integer too long to be one («Debe ser un número» for 400 nines misled the sender)
+        return "Número demasiado grande para este campo."
     if kind == "literal_error":
         # pydantic lists the choices in English ("'a', 'b' or 'c'")
         return f"Valor no permitido; usa uno de: {str(ctx.get('expected', '')).replace(' or ', ', ')}."

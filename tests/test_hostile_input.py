@@ -196,6 +196,21 @@ async def test_an_integer_too_long_for_python_names_its_field(served):
     assert status == 422 and body["detalles"][0]["campo"] == "edad"
 
 
+@pytest.mark.parametrize(
+    ("field", "literal"),
+    [("volumen_tumor_sensible", "9" * 400), ("dias_desde_cambio", "1e20"), ("edad", "9" * 1_001)],
+)
+async def test_a_number_too_large_is_named_as_too_large(served, field, literal):
+    """A number, but too large: it was told «Debe ser un número», «Debe ser un número entero» or
+    «… (no NaN ni Infinity)», none of which says what is wrong."""
+    required = {"edad": 60, "volumen_tumor_sensible": 5}
+    others = ", ".join(f'"{k}": {v}' for k, v in required.items() if k != field)
+    raw = f'{{{others}, "{field}": {literal}}}'.encode()
+    status, answer = await post(served, None, raw=raw)
+    (detail,) = answer["detalles"]
+    assert status == 422 and detail["campo"] == field and "demasiado grande" in detail["mensaje"], answer
+
+
 async def test_a_student_who_leaves_while_waiting_leaves_no_error_behind(served, seed, monkeypatch, caplog):
     """The stream's heartbeat is what finds a headset gone while its answer is still being
     written; that used to log an unhandled error, then fail closing the answer's generator."""
