@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from .canonical import DYING, CanonicalState, smoking_phrase, treatment_phrase
-from .prompts import SENTENCE_BREAK, Sections
+from .prompts import SENTENCE_BREAK, Sections, without_case_label
 
 # What makes a sentence the recommendation, strongest first: one that names the standard or
 # recommended option beats one that cites a guideline, which beats one that only mentions a
@@ -51,9 +51,6 @@ _CAVEAT = re.compile(
     r"^(?:Es[ea]s? (?:ensayo|esquema|estudio|opci[oó]n|tratamiento)|Aun as[ií]|Sin embargo)|individualiza"
 )
 
-# A library case's passages open with its internal id and a short description (the summary's
-# lead-in already says which case it is): «Caso de biblioteca SEER_001_estadio_IA (…): paciente…»
-_CASE_LABEL = re.compile(r"^Caso de biblioteca \S+ \(.*?\):\s+")
 
 NO_COVERAGE = (
     "La base de conocimiento de PulmoMed no cubre esta situación concreta, así que no se citan fuentes."
@@ -81,19 +78,12 @@ def extractive_sections(
             recomendacion="Consulta las guías clínicas vigentes (por ejemplo, NCCN o ESMO) con tu "
             "docente para este escenario.",
         )
-    passages = [(number, _without_case_label(text)) for number, text in passages]
+    passages = [(number, without_case_label(text)) for number, text in passages]
     first_number, first_text = passages[0]
     lead = sentences(first_text)[:2]
     explicacion = f"{situation} " + " ".join(lead) + f" [{first_number}]"
     recommendation = _recommendation_sentence(passages, dying=state.lung_state in DYING)
     return Sections(explicacion=explicacion.strip(), recomendacion=recommendation)
-
-
-def _without_case_label(text: str) -> str:
-    """A passage's text without a library case's opening «Caso de biblioteca <id> (<description>): »
-    (up to the first "): "), capitalised so that it still reads as a sentence; others unchanged."""
-    rest, found = _CASE_LABEL.subn("", text.strip(), count=1)
-    return rest[:1].upper() + rest[1:] if found else rest
 
 
 def _recommendation_sentence(passages: list[tuple[int, str]], *, dying: bool = False) -> str:

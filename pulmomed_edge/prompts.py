@@ -139,7 +139,21 @@ def render_prompt(
 
 
 def _tightened(text: str) -> str:
-    return tighten(text, CASE_PASSAGE_WORDS if text.startswith(CASE_PASSAGE) else PASSAGE_WORDS)
+    if text.startswith(CASE_PASSAGE):  # the model copied the internal id into students' text
+        return tighten(without_case_label(text), CASE_PASSAGE_WORDS)
+    return tighten(text, PASSAGE_WORDS)
+
+
+# A library case's passages open with its internal id and a short description (the patient line
+# and the summary's lead-in say which case it is): «Caso de biblioteca SEER_001_estadio_IA (…): …»
+_CASE_LABEL = re.compile(r"^Caso de biblioteca \S+ \(.*?\):\s+")
+
+
+def without_case_label(text: str) -> str:
+    """A passage's text without a library case's opening «Caso de biblioteca <id> (<description>): »
+    (up to the first "): "), capitalised so that it still reads as a sentence; others unchanged."""
+    rest, found = _CASE_LABEL.subn("", text.strip(), count=1)
+    return rest[:1].upper() + rest[1:] if found else rest
 
 
 @dataclass(frozen=True)

@@ -459,6 +459,9 @@ async def test_a_library_case_prompt_shows_its_findings_not_its_diet(served):
     text = _render(teacher, prepared)
     assert "derrame pleural maligno" in text and "reordenamiento de ALK" in text
     assert "dieta" not in text
+    # nor its internal id, which the model copied into students' text («El caso de biblioteca
+    # SEER_003_mutacion_EGFR (…)»): the case passage opens with the patient
+    assert "SEER_" not in text and "Fuentes:\n[1] Paciente de 34 años" in text
 
 
 def _render(teacher, prepared) -> str:
