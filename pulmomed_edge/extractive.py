@@ -44,6 +44,10 @@ _SURGERY = re.compile(
 )
 _PALLIATIVE = re.compile(r"\bpaliativ", re.IGNORECASE)
 
+# a sentence that tells a smoker to quit («Dejar de fumar después del diagnóstico… sigue siendo
+# importante», «Dejar de fumar (cesación tabáquica) sigue siendo…»)
+_QUITTING = re.compile(r"^Dejar de fumar\b")
+
 # The sentence after a recommendation that limits it («Ese ensayo solo incluyó pacientes con ECOG
 # 0–1, así que en ECOG 2 la decisión se individualiza»): the summary quoted pembrolizumab for an
 # ECOG 2 patient without it
@@ -83,7 +87,20 @@ def extractive_sections(
     lead = sentences(first_text)[:2]
     explicacion = f"{situation} " + " ".join(lead) + f" [{first_number}]"
     recommendation = _recommendation_sentence(passages, dying=state.lung_state in DYING)
+    if state.smoking == "fumador" and (quitting := _quitting_sentence(passages, recommendation)):
+        recommendation = f"{recommendation} {quitting}"
     return Sections(explicacion=explicacion.strip(), recomendacion=recommendation)
+
+
+def _quitting_sentence(passages: list[tuple[int, str]], recommendation: str) -> str:
+    """For a current smoker, the retrieved passages' first sentence on quitting, cited ("" when
+    none, or when the recommendation already is it): read again after this round's fixes, no
+    current smoker's answer mentioned quitting, though a case's goal is that it still matters."""
+    for number, text in passages:
+        for sentence in sentences(text):
+            if _QUITTING.search(sentence) and sentence not in recommendation:
+                return f"{sentence} [{number}]"
+    return ""
 
 
 def _recommendation_sentence(passages: list[tuple[int, str]], *, dying: bool = False) -> str:

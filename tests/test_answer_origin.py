@@ -120,7 +120,9 @@ def test_the_stage_i_recommendation_is_the_standard_treatment_not_a_mention_of_o
     found = passages("tnm-estadio-i-01", "tab-dejar-fumar-01")
     standard = next(s for s in sentences(found[0][1]) if "estándar" in s)
     summary = extractive_sections(state, found)
-    assert summary.recomendacion == f"{standard} [1]"
+    # a current smoker: the passage's sentence on quitting follows, with its own citation
+    quitting = sentences(found[1][1])[0]
+    assert summary.recomendacion == f"{standard} [1] {quitting} [2]"
     assert "lobectomía" in summary.recomendacion and "potencialmente curable" not in summary.recomendacion
 
 
@@ -231,6 +233,24 @@ async def test_a_critical_or_terminal_patient_is_recommended_palliative_care_nev
         # the same state, stable: the stage's standard as before
         status, answer = await post(served, {"edad": 82, "pack_years": 40, "volumen_tumor_sensible": 1.0})
         assert "lobectomía" in answer["recomendacion"]
+
+
+async def test_a_current_smoker_is_told_that_quitting_still_matters_an_ex_smoker_is_not(settings):
+    """Read after the content fixes: no current smoker's answer mentioned quitting, not even
+    SEER_002's, whose teaching goal it is. The summary's recommendation now adds the retrieved
+    passages' sentence on quitting, cited, for a current smoker only."""
+    async with own_server(with_settings(settings, model="no-such-model")) as served:
+        smoker = {"edad": 67, "es_fumador": True, "pack_years": 45, "volumen_tumor_sensible": 20.0}
+        seer_002 = case_request(served.state.library.get("SEER_002_fumador_activo"))
+        for body in (smoker, seer_002):
+            status, answer = await post(served, body)
+            recommendation = answer["recomendacion"]
+            assert status == 200 and "Dejar de fumar" in recommendation, answer
+            cited = [int(n) for n in CITATION.findall(recommendation)]
+            assert len(cited) == 2 and max(cited) <= len(answer["fuentes"]), answer
+        quit_years_ago = {**smoker, "es_fumador": False, "dias_desde_cambio": 4000}
+        status, answer = await post(served, quit_years_ago)
+        assert status == 200 and "Dejar de fumar" not in answer["recomendacion"], answer
 
 
 # --- origen on every path ---------------------------------------------------------------------
