@@ -261,7 +261,7 @@ def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
     entry = store.entry(name, role="llm")
     component.detail = {"model": name, "sha256": entry.sha256, "loaded": False}
     if entry.role != "llm":
-        llms = ", ".join(e.name for e in store.entries() if e.role == "llm")
+        llms = ", ".join(store.names("llm"))
         raise ModelError(
             f"«{name}» no es un modelo de lenguaje (su rol es «{entry.role}»).",
             f"{name!r} is not a language model (its role is {entry.role!r}).",

@@ -108,12 +108,16 @@ class ModelStore:
         """Pinned entries first (manifest order), then the lab's added ones."""
         return [*self._pinned.values(), *self._local_entries().values()]
 
+    def names(self, role: str | None = None) -> list[str]:
+        """Every model's name (of `role` only, when given), in `entries` order."""
+        return [e.name for e in self.entries() if role is None or e.role == role]
+
     def entry(self, name: str, *, role: str | None = None) -> ModelEntry:
         """The model of that name; unknown: an error listing the known ones (of `role` only, when
         the caller needs that kind: `--model` was offered the tokenizer, which it then refused)."""
         found = self._pinned.get(name) or self._local_entries().get(name)
         if found is None:
-            known = ", ".join(e.name for e in self.entries() if role is None or e.role == role)
+            known = ", ".join(self.names(role))
             raise ModelError(
                 f"Modelo desconocido: «{name}». Modelos conocidos: {known}.",
                 f"Unknown model: {name!r}. Known models: {known}.",

@@ -9,9 +9,9 @@ sentences with no line breaks, and the engine bounds each section's length.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .canonical import LUNG_STATE_NAMES, CanonicalState, smoking_phrase, treatment_phrase
 from .cases import LibraryCase
@@ -129,12 +129,19 @@ class HasText(Protocol):
     fuente: str
 
 
+Cited = TypeVar("Cited", bound=HasText)
+
+
+def with_citation_numbers(passages: Sequence[Cited]) -> list[tuple[int, Cited]]:
+    """Each passage with the number the answer cites it by (citation_numbers)."""
+    return list(zip(citation_numbers(p.fuente for p in passages), passages, strict=True))
+
+
 def render_prompt(
     template: ChatRenderer, state: CanonicalState, case: LibraryCase | None, passages: list[HasText]
 ) -> str:
     """The whole prompt text, ending where the model starts writing the explanation."""
-    numbers = citation_numbers(p.fuente for p in passages)
-    numbered = [PromptPassage(n, _tightened(p.texto)) for n, p in zip(numbers, passages, strict=True)]
+    numbered = [PromptPassage(n, _tightened(p.texto)) for n, p in with_citation_numbers(passages)]
     return template.render(SYSTEM_PROMPT, user_message(numbered, state, case), EXPLANATION_LABEL)
 
 

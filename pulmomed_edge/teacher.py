@@ -46,12 +46,12 @@ from .prompts import (
     PromptPassage,
     Sections,
     SectionTracker,
-    citation_numbers,
     complete_sentences,
     patient_line,
     render_prompt,
     split_sections,
     user_message,
+    with_citation_numbers,
 )
 from .schema import SectionOrigin, SimulationState, TeacherResponse
 
@@ -156,7 +156,7 @@ class Flight:
             return True
         if self.task is not None and not self.task.promote(deadline):
             return False
-        self.joined_by = deadline  # not yet submitted: _generate submits it as theirs
+        self.joined_by = deadline  # read by _generate when the task is not submitted yet
         return True
 
     def demote(self) -> None:
@@ -669,8 +669,7 @@ class TeacherService:
         return response.model_copy(update={"frases_retiradas": len(grounded.withheld)})
 
     def _extractive(self, prepared: Prepared) -> Sections:
-        numbers = citation_numbers(p.fuente for p in prepared.passages)
-        numbered = [(n, p.texto) for n, p in zip(numbers, prepared.passages, strict=True)]
+        numbered = [(n, p.texto) for n, p in with_citation_numbers(prepared.passages)]
         return extractive_sections(prepared.state, numbered, prepared.case.estadio if prepared.case else None)
 
     def _fallback(self, prepared: Prepared, reason: str) -> TeacherResponse:
@@ -745,8 +744,7 @@ def _completed(written: Sections, summary: Sections) -> tuple[Sections, SectionO
 def _support(canon: CanonicalState, case: LibraryCase | None, passages: list[PassageLike]) -> frozenset[str]:
     """The terms a prompt with these passages shows the model: what its sentences may claim."""
     # whole passages: a citation points to the source, not to the tightened excerpt
-    numbers = citation_numbers(p.fuente for p in passages)
-    numbered = [PromptPassage(n, p.texto) for n, p in zip(numbers, passages, strict=True)]
+    numbered = [PromptPassage(n, p.texto) for n, p in with_citation_numbers(passages)]
     return support_of([SYSTEM_PROMPT, user_message(numbered, canon, case)])
 
 

@@ -19,7 +19,7 @@ from pulmomed_edge.config import CORPUS_DIR
 from pulmomed_edge.corpus import load_corpus
 from pulmomed_edge.extractive import extractive_sections, sentences
 from pulmomed_edge.grounding import SentenceGate, ground_sections, unsupported
-from pulmomed_edge.prompts import Sections, citation_numbers, render_prompt
+from pulmomed_edge.prompts import Sections, citation_numbers, render_prompt, with_citation_numbers
 from pulmomed_edge.schema import parse_state
 from pulmomed_edge.teacher import Flight
 
@@ -55,8 +55,7 @@ def case_request(case) -> dict:
 def passages(*ids: str) -> list[tuple[int, str]]:
     """Real corpus passages, numbered as an answer cites them."""
     by_id = {p.id: p for p in load_corpus(CORPUS_DIR)}
-    found = [by_id[pid] for pid in ids]
-    return list(zip(citation_numbers(p.fuente for p in found), (p.texto for p in found), strict=True))
+    return [(n, p.texto) for n, p in with_citation_numbers([by_id[pid] for pid in ids])]
 
 
 def sweep() -> list[dict]:
