@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -156,6 +158,19 @@ def cli_env(settings: Settings, tmp_path: Path, **variables: str) -> dict[str, s
         PULMOMED_LOG_DIR=str(tmp_path / "logs"),
         PULMOMED_THREADS="1",
         **variables,
+    )
+
+
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 300, encoding: str = "utf-8"
+) -> subprocess.CompletedProcess:
+    """`pulmomed-edge ARGS` in its own process, as the admin runs it; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "pulmomed_edge", *args],
+        env=env,
+        capture_output=True,
+        encoding=encoding,
+        timeout=timeout,
     )
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 DATA = Path(__file__).parent / "data"
 
@@ -59,13 +59,7 @@ def _cli(
     index = index_dir or settings.index_dir
     env = dict(os.environ, PULMOMED_MODELS_DIR=str(settings.models_dir), PULMOMED_INDEX_DIR=str(index))
     env.update(more_env)
-    return subprocess.run(
-        [sys.executable, "-m", "pulmomed_edge", *args],
-        env=env,
-        capture_output=True,
-        encoding=encoding,
-        timeout=300,
-    )
+    return run_cli(*args, env=env, encoding=encoding)
 
 
 def test_cli_search_prints_the_ranking(settings):

@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import SEED, cli_env, health, own_server, wait_ready
+from conftest import SEED, cli_env, health, own_server, run_cli, wait_ready
 
 from pulmomed_edge.config import Settings
 from pulmomed_edge.errors import SettingsError
@@ -189,13 +189,7 @@ def test_a_flag_value_refused_is_named_as_the_flag_and_flags_win():
 )
 def test_serve_with_a_bad_setting_says_so_without_a_traceback(tmp_path, variable, raw):
     env = dict(os.environ, PULMOMED_LOG_DIR=str(tmp_path), **{variable: raw})
-    proc = subprocess.run(
-        [sys.executable, "-m", "pulmomed_edge", "serve", "--test-models"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli("serve", "--test-models", env=env, timeout=120)
     assert proc.returncode == 1
     assert variable in proc.stderr and "Traceback" not in proc.stderr
     # the teacher who double-clicked it reads the way out in Spanish too
@@ -236,10 +230,7 @@ def test_serve_on_a_port_in_use_says_so_and_prints_no_addresses(settings, tmp_pa
         taken.listen()
         port = taken.getsockname()[1]
         env = cli_env(settings, tmp_path)
-        cmd = [sys.executable, "-m", "pulmomed_edge", "serve", "--test-models", "--host", "127.0.0.1"]
-        proc = subprocess.run(
-            [*cmd, "--port", str(port)], env=env, capture_output=True, text=True, timeout=300
-        )
+        proc = run_cli("serve", "--test-models", "--host", "127.0.0.1", "--port", str(port), env=env)
     assert proc.returncode == 1
     assert "PULMOMED_PORT" in proc.stderr and "Traceback" not in proc.stderr
     assert "Direcciones" not in proc.stderr
@@ -284,11 +275,5 @@ def test_an_unknown_pulmomed_variable_is_named_as_a_likely_typo(settings, tmp_pa
         "PULMOMED_SLOT"
     ]
     env = cli_env(settings, tmp_path, PULMOMED_SLOT="4")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pulmomed_edge", "models", "list"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli("models", "list", env=env, timeout=120)
     assert proc.returncode == 0 and "PULMOMED_SLOT is not a PulmoMed Edge setting" in proc.stderr
