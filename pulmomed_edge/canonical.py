@@ -161,6 +161,9 @@ PALLIATIVE_QUERY = (
     "oncológico en el cáncer de pulmón avanzado"
 )
 DYING = ("critico", "terminal")
+# a tumour that grows under treatment: what comes next (re-evaluation, a second line), not the
+# stage's first treatment (an answer offered surgery to a patient progressing on chemotherapy)
+PROGRESSION_QUERY = "progresión del tumor durante el tratamiento: reevaluar y tratamiento de segunda línea"
 _MANY_RESISTANT = ("10-30 %", "más del 30 %")
 
 
@@ -185,12 +188,23 @@ def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
     queries.append(f"estadio {stage_roman} del cáncer de pulmón no microcítico: qué significa y tratamiento")
     if c.lung_state in DYING:
         queries.append(PALLIATIVE_QUERY)
-    if c.treatment != "ninguno":
+    if progressing_on_treatment(c):
+        # why it grows (the resistant clones) before the treatment's side effects
+        queries.append(PROGRESSION_QUERY)
+        if resistance_matters(c):
+            queries.append(RESISTANCE_QUERY)
         queries.append(TREATMENT_QUERIES[c.treatment])
-    if resistance_matters(c):
-        queries.append(RESISTANCE_QUERY)
+    else:
+        if c.treatment != "ninguno":
+            queries.append(TREATMENT_QUERIES[c.treatment])
+        if resistance_matters(c):
+            queries.append(RESISTANCE_QUERY)
     queries.append(SMOKING_QUERIES[c.smoking])
     return queries
+
+
+def progressing_on_treatment(c: CanonicalState) -> bool:
+    return c.treatment != "ninguno" and c.lung_state == "progresando"
 
 
 def resistance_matters(c: CanonicalState) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .canonical import DYING, CanonicalState, smoking_phrase, treatment_phrase
+from .canonical import DYING, CanonicalState, progressing_on_treatment, smoking_phrase, treatment_phrase
 from .prompts import SENTENCE_BREAK, Sections, without_case_label
 
 # What makes a sentence the recommendation, strongest first: one that names the standard or
@@ -43,6 +43,11 @@ _SURGERY = re.compile(
     r"\b(?:cirug[ií]a|operar|operables?|resecci[oó]n|lobectom[ií]a|quir[uú]rgic)", re.IGNORECASE
 )
 _PALLIATIVE = re.compile(r"\bpaliativ", re.IGNORECASE)
+# What a patient whose tumour grows under treatment is told: to be re-evaluated for another
+# treatment, and in advanced disease which second line (a patient progressing on chemotherapy was
+# offered surgery, the stage's first treatment)
+_REEVALUATION = re.compile(r"\breeval[uú]", re.IGNORECASE)
+_SECOND_LINE = re.compile(r"\bsegunda l[ií]nea", re.IGNORECASE)
 
 # a sentence that tells a smoker to quit («Dejar de fumar después del diagnóstico… sigue siendo
 # importante», «Dejar de fumar (cesación tabáquica) sigue siendo…»)
@@ -86,7 +91,8 @@ def extractive_sections(
     first_number, first_text = passages[0]
     lead = sentences(first_text)[:2]
     explicacion = f"{situation} " + " ".join(lead) + f" [{first_number}]"
-    recommendation = _recommendation_sentence(passages, dying=state.lung_state in DYING)
+    prefer, no_surgery = _focus(state, case_stage or state.stage)
+    recommendation = _recommendation_sentence(passages, prefer=prefer, no_surgery=no_surgery)
     if state.smoking == "fumador" and (quitting := _quitting_sentence(passages, recommendation)):
         recommendation = f"{recommendation} {quitting}"
     return Sections(explicacion=explicacion.strip(), recomendacion=recommendation)
@@ -103,28 +109,42 @@ def _quitting_sentence(passages: list[tuple[int, str]], recommendation: str) -> 
     return ""
 
 
-def _recommendation_sentence(passages: list[tuple[int, str]], *, dying: bool = False) -> str:
+def _focus(state: CanonicalState, stage: str) -> tuple[re.Pattern[str] | None, bool]:
+    """What this patient's recommendation must be about, and whether surgery is out of it: a
+    critical or terminal patient's is palliative care; one whose tumour grows under treatment is
+    re-evaluated, and in stage III-IV given the second line."""
+    if state.lung_state in DYING:
+        return _PALLIATIVE, True
+    if progressing_on_treatment(state):
+        advanced = stage.startswith(("III", "IV"))
+        return (_SECOND_LINE if advanced else _REEVALUATION), True
+    return None, False
+
+
+def _recommendation_sentence(
+    passages: list[tuple[int, str]], *, prefer: re.Pattern[str] | None = None, no_surgery: bool = False
+) -> str:
     """The sentence with the strongest hint (_RECOMMENDATION_HINTS) of all the passages, leaving
     out those that say what is not done; among equally strong ones, the first in retrieval order;
-    else the last passage's first sentence. For a critical or terminal patient (`dying`), a
-    sentence on palliative care comes before any other, and none that offers surgery. A caveat
-    that follows it in its passage comes with it (_CAVEAT)."""
+    else the last passage's first sentence. Sentences that match `prefer` (_focus) come before
+    any other; with `no_surgery`, none that offers surgery is chosen. A caveat that follows it in
+    its passage comes with it (_CAVEAT)."""
     candidates = [
         (number, sentence, following)
         for number, text in passages
         for sentence, following in _with_next(sentences(text))
-        if not _NEGATED_HINT.search(sentence) and not (dying and _SURGERY.search(sentence))
+        if not _NEGATED_HINT.search(sentence) and not (no_surgery and _SURGERY.search(sentence))
     ]
-    palliative = [c for c in candidates if _PALLIATIVE.search(c[1])] if dying else []
-    if palliative:  # the strongest of them, else the first: before any other passage's
-        candidates = palliative
+    preferred = [c for c in candidates if prefer.search(c[1])] if prefer is not None else []
+    if preferred:  # the strongest of them, else the first: before any other passage's
+        candidates = preferred
     for hints in _RECOMMENDATION_HINTS:
         for number, sentence, following in candidates:
             lowered = sentence.lower()
             if any(hint in lowered for hint in hints):
                 return _cited(sentence, following, number)
-    if palliative:
-        return _cited(*palliative[0])
+    if preferred:
+        return _cited(*preferred[0])
     number, text = passages[-1]
     return f"{sentences(text)[0]} [{number}]"
 

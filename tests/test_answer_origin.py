@@ -234,6 +234,31 @@ async def test_a_critical_or_terminal_patient_is_recommended_palliative_care_nev
         assert "lobectomía" in answer["recomendacion"]
 
 
+async def test_a_tumour_growing_under_treatment_is_recommended_the_next_step_never_surgery(settings):
+    """A stage II patient progressing on chemotherapy was recommended «la cirugía» (the stage's
+    first treatment). Progressing under treatment, the recommendation is now to re-evaluate for
+    another treatment (stage I-II) or the second line (stage III-IV), cited to its guideline."""
+    async with own_server(with_settings(settings, model="no-such-model")) as served:
+        for volume, expected in ((20.0, "reevaluar"), (90.0, "segunda línea")):
+            for treatment in ("quimio", "radio", "inmuno"):
+                body = {"edad": 66, "pack_years": 30, "volumen_tumor_sensible": volume}
+                body |= {"volumen_tumor_resistente": volume / 4, "lung_state": "progresando"}
+                body |= {"tratamiento_activo": treatment, "dias_tratamiento": 120}
+                status, answer = await post(served, body)
+                assert status == 200, answer
+                recommendation = answer["recomendacion"]
+                assert expected in recommendation, (body, recommendation)
+                assert not re.search(r"cirug|operar|lobectom|resecc", recommendation, re.I), recommendation
+                cited = int(CITATION.findall(recommendation)[-1])
+                assert answer["fuentes"][cited - 1].startswith("ESMO Clinical Practice Guideline")
+        # advanced disease: the caveat for a patient too frail for a second line comes with it
+        assert "paliativos" in recommendation
+        # the same state, stable on treatment: the stage's standard as before
+        body = {"edad": 66, "pack_years": 30, "volumen_tumor_sensible": 20.0, "tratamiento_activo": "quimio"}
+        status, answer = await post(served, body | {"lung_state": "estable"})
+        assert "segunda línea" not in answer["recomendacion"] and "reevaluar" not in answer["recomendacion"]
+
+
 async def test_a_current_smoker_is_told_that_quitting_still_matters_an_ex_smoker_is_not(settings):
     """Read after the content fixes: no current smoker's answer mentioned quitting, not even
     SEER_002's, whose teaching goal it is. The summary's recommendation now adds the retrieved

@@ -427,6 +427,23 @@ def test_a_critical_patient_is_taught_palliative_care_right_after_the_stage(teac
     assert "paliativ" in chosen[1].texto.lower(), [p.id for p in chosen]
 
 
+@pytest.mark.parametrize("treatment", ["quimio", "radio", "inmuno"])
+def test_a_tumour_growing_under_treatment_is_taught_what_comes_next(teacher, treatment):
+    """A patient progressing on chemotherapy was offered surgery: the stage passage led and no
+    passage said what follows a failed treatment. Now the second passage does, and the resistant
+    clones (why it grows) come before the treatment's side effects."""
+    state = canonicalize(
+        _state(90.0, volumen_tumor_resistente=30.0, tratamiento_activo=treatment, lung_state="progresando")
+    )
+    chosen = teacher.retrieve(state, None)
+    ids = [p.id for p in chosen]
+    assert ids[1] == "progresion-segunda-linea-01", ids
+    assert "resistente" in chosen[2].texto, ids
+    # under treatment but stable: the treatment's own passage, as before
+    stable = canonicalize(_state(90.0, tratamiento_activo=treatment, lung_state="estable"))
+    assert not any(p.id.startswith("progresion-") for p in teacher.retrieve(stable, None))
+
+
 def test_an_ex_smoker_with_a_tumour_is_not_taught_screening(teacher):
     state = canonicalize(_state(100.0, es_fumador=False, pack_years=45, dias_desde_cambio=200))
     texts = [p.texto.lower() for p in teacher.retrieve(state, None)]
