@@ -119,14 +119,32 @@ def test_prompt_chunks_stay_within_one_class_of_rows():
     for chunk in (16, 32, 48, 64, 128):
         plan = BatchPlan.for_chunk(chunk)
         assert plan.prefill_min >= 8 and (plan.prefill_max < 64 or plan.prefill_min >= 64)
-        for pending in range(plan.prefill_min, 600):
-            left, sizes = pending, []
-            while left:
-                sizes.append(plan.prompt_rows(left))
-                left -= sizes[-1]
-            assert all(plan.prefill_min <= n <= plan.prefill_max for n in sizes), (chunk, pending, sizes)
+        for decode_rows in (None, 0, 16, 40):
+            for pending in range(plan.prefill_min, 600):
+                left, sizes = pending, []
+                while left:
+                    sizes.append(plan.prompt_rows(left, decode_rows))
+                    left -= sizes[-1]
+                assert all(plan.prefill_min <= n <= plan.prefill_max for n in sizes), (
+                    chunk,
+                    decode_rows,
+                    pending,
+                    sizes,
+                )
     with pytest.raises(ValueError):
         BatchPlan.for_chunk(8)
+
+
+def test_a_chunk_fills_the_room_its_call_has_beside_the_decode_rows():
+    """A call carrying 16 decode rows and a 32-row chunk has room for 15 more prompt rows in the
+    same class (16..47 rows, the call under 64): the chunk takes them; beside 40 decode rows it
+    keeps its usual size (and gets a call of its own)."""
+    plan = BatchPlan.for_chunk(32)
+    assert plan.prompt_rows(500, 16) == 47 and plan.mixes(47, 16)
+    assert plan.prompt_rows(500, 0) == 47  # never past the class
+    assert plan.prompt_rows(500, 40) == 32 and not plan.mixes(32, 40)
+    assert plan.prompt_rows(500) == 32
+    assert BatchPlan.for_chunk(128).prompt_rows(500, 0) == 128
 
 
 def test_decode_rows_are_packed_evenly_and_in_order():

@@ -45,14 +45,22 @@ class BatchPlan:
             raise ValueError(f"no class of row counts fits prompt chunks of {chunk} rows")
         return cls(chunk, low, high)
 
-    def prompt_rows(self, pending: int) -> int:
-        """Rows of the next prompt chunk when `pending` prompt tokens are left: every chunk,
-        the last one included, stays within prefill_min..prefill_max (pending >= prefill_min
-        is kept by the engine's reuse rule; a prompt shorter than that is evaluated whole)."""
+    def chunk_beside(self, decode_rows: int) -> int:
+        """The usual chunk of a call that carries `decode_rows`: it also takes the rows the call
+        has left under the 64-row switch (a call paid for anyway reads more prompt: e2e p99 of a
+        16-slot burst -7 %, BENCHMARKS.md), never past prefill_max."""
+        return max(self.chunk, min(self.prefill_max, KERNEL_SWITCH - 1 - decode_rows))
+
+    def prompt_rows(self, pending: int, decode_rows: int | None = None) -> int:
+        """Rows of the next prompt chunk when `pending` prompt tokens are left, beside
+        `decode_rows` (None: the plain chunk): every chunk, the last one included, stays within
+        prefill_min..prefill_max (pending >= prefill_min is kept by the engine's reuse rule; a
+        prompt shorter than that is evaluated whole)."""
+        chunk = self.chunk if decode_rows is None else self.chunk_beside(decode_rows)
         if pending <= self.prefill_max:
             return pending
-        if pending - self.chunk >= self.prefill_min:
-            return self.chunk
+        if pending - chunk >= self.prefill_min:
+            return chunk
         return pending - self.prefill_min
 
     def mixes(self, prompt_rows: int, decode_rows: int) -> bool:

@@ -386,7 +386,8 @@ class GenerationEngine:
         writing = sum(1 for s in busy if not s.in_prompt)
         first_token = self._prompt_s(backlog)
         if writing:
-            first_token += math.ceil(backlog / self.plan.chunk) * self.step_cost.predict(writing)
+            steps = math.ceil(backlog / self.plan.chunk_beside(writing))
+            first_token += steps * self.step_cost.predict(writing)
         return first_token, step_s
 
     def crowds(self, new_tokens: int, grace_s: float = 0.0) -> bool:
@@ -511,7 +512,7 @@ class GenerationEngine:
         while start < len(prefix):
             if self._stopping:  # a shutdown during start-up: stop within one chunk, not after all
                 return
-            chunk = prefix[start : start + self.plan.prompt_rows(len(prefix) - start)]
+            chunk = prefix[start : start + self.plan.prompt_rows(len(prefix) - start, 0)]
             rc = self.rt.decode([(t, start + i, first.seq, False) for i, t in enumerate(chunk)])
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed warming the prefix (code {rc})")
@@ -629,7 +630,8 @@ class GenerationEngine:
         if waiting:
             slot = waiting[0]
             self._catch_up(slot)
-            prompt_part = [(slot, min(plan.prompt_rows(len(slot.pending)), self.rt.config.n_batch))]
+            rows = plan.prompt_rows(len(slot.pending), sum(len(s.pending) for s in decoding))
+            prompt_part = [(slot, min(rows, self.rt.config.n_batch))]
             if self._chunk_makes_late(prompt_part[0][1], decoding):
                 prompt_part = []
                 self.counters["deferred_chunks"] += 1
