@@ -275,6 +275,7 @@ def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
                 n_ctx=settings.effective_n_ctx,
                 n_seq=settings.slots + settings.parked_prefixes,
                 n_threads=settings.effective_threads,
+                unified=settings.kv_layout == "unified",
             )
         )
     except ModelLoadFailed:
@@ -303,7 +304,7 @@ def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
         parked=settings.parked_prefixes,
         queue_size=settings.queue_size,
         prefill_chunk=settings.prefill_chunk,
-        max_context_per_slot=settings.max_prompt_tokens + settings.max_new_tokens + 40,
+        max_context_per_slot=settings.context_per_answer,
     )
     state.engine = engine
 

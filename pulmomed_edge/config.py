@@ -99,6 +99,11 @@ class Settings:
     parked_prefixes: int = 8
     prefill_chunk: int = 32  # prompt tokens evaluated per step (engine/batching.py)
     n_ctx: int = 0  # 0 = sized from slots × (max prompt + answer)
+    # the KV cache: "unified" (one cache all answers share: a prefix is shared without a copy;
+    # where llama.cpp puts a cell can change a greedy answer's rounding) or "streams" (one per
+    # answer and per parked prompt: prefixes are copied, and an answer is the same alone or in a
+    # batch, but bursts ran 3-7 % slower here); engine/runtime.py, BENCHMARKS.md twelfth round
+    kv_layout: str = "unified"
     max_prompt_tokens: int = 768
     max_new_tokens: int = 160
     budget_s: float = 15.0
@@ -151,6 +156,10 @@ class Settings:
     def __post_init__(self) -> None:
         if _switch(self.grounding) is None and self.grounding.strip().lower() != "auto":
             raise SettingsError("grounding", self.grounding, "use auto, 1 or 0", "usa auto, 1 o 0")
+        if self.kv_layout not in ("streams", "unified"):
+            raise SettingsError(
+                "kv_layout", self.kv_layout, "use streams or unified", "usa streams o unified"
+            )
         if self.recommendation.strip().lower() not in ("auto", "model", "sources"):
             raise SettingsError(
                 "recommendation",
@@ -186,9 +195,17 @@ class Settings:
         return self.threads if self.threads > 0 else max(1, os.cpu_count() or 1)
 
     @property
+    def context_per_answer(self) -> int:
+        """Cells one answer may use: its prompt, its new tokens and a margin."""
+        return self.max_prompt_tokens + self.max_new_tokens + 40
+
+    @property
     def effective_n_ctx(self) -> int:
         if self.n_ctx > 0:
             return self.n_ctx
+        if self.kv_layout == "streams":
+            # a stream per slot and per parked prompt, each as large as one answer may grow
+            return (self.slots + self.parked_prefixes) * self.context_per_answer
         # one shared system prefix + every slot's own prompt and answer + the parked prompts
         slots = self.slots * (self.max_prompt_tokens + self.max_new_tokens)
         return self.max_prompt_tokens + slots + self.parked_prefixes * self.max_prompt_tokens

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import pytest
 from conftest import cli_env, generated, health, own_server, read_stream, with_settings
 
 from pulmomed_edge import teacher as teacher_module
@@ -343,12 +344,15 @@ def _texts(engine, batch: list[list[int]], **task: object) -> list[str]:
 
 
 @contextlib.contextmanager
-def _engine_of_its_own(served, *, n_ctx: int, slots: int, parked: int, warm_prefix=None, **engine):
+def _engine_of_its_own(
+    served, *, n_ctx: int, slots: int, parked: int, warm_prefix=None, unified: bool = True, **engine
+):
     """A started engine on a runtime of its own (the served model, one thread), closed after."""
     from pulmomed_edge.engine.runtime import LlamaRuntime, RuntimeConfig
 
     path = served.state.engine.rt.config.model_path
-    runtime = LlamaRuntime(RuntimeConfig(model_path=path, n_ctx=n_ctx, n_seq=slots + parked, n_threads=1))
+    config = RuntimeConfig(model_path=path, n_ctx=n_ctx, n_seq=slots + parked, n_threads=1, unified=unified)
+    runtime = LlamaRuntime(config)
     own = GenerationEngine(runtime, slots=slots, parked=parked, **engine)
     own.start(warm_prefix=warm_prefix)
     try:
@@ -358,15 +362,19 @@ def _engine_of_its_own(served, *, n_ctx: int, slots: int, parked: int, warm_pref
         runtime.close()
 
 
-async def test_greedy_output_is_the_same_alone_and_in_a_batch(served):
-    """The common case; not a guarantee on llama.cpp's CPU kernels (engine/batching.py): with the
-    default model 11 of 16 real prompts came out identical (`bench --invariance`, BENCHMARKS.md).
-    On an engine of its own with the server's slots and parked prompts, because where earlier
-    traffic left cells in the cache changes the rounding too (BENCHMARKS.md, sixth round)."""
+@pytest.mark.parametrize("layout", ["unified", "streams"])
+async def test_greedy_output_is_the_same_alone_and_in_a_batch(served, layout):
+    """With one unified cache (the default) the common case, not a guarantee: with the default
+    model 11 of 16 real prompts came out identical (`bench --invariance`, BENCHMARKS.md), because
+    where earlier traffic left cells changes the order attention sums them in (twelfth round).
+    With a stream per answer (PULMOMED_KV_LAYOUT=streams) the cells stay in order. On an engine
+    of its own with the server's slots and parked prompts."""
     served_engine = served.state.engine
     shape = {"slots": len(served_engine.slots), "parked": len(served_engine.parked)}
+    n_ctx = served_engine.rt.n_ctx if layout == "unified" else (shape["slots"] + shape["parked"]) * 1024
     warm = served.state.teacher.warm_prefix()
-    with _engine_of_its_own(served, n_ctx=served_engine.rt.n_ctx, warm_prefix=warm, **shape) as engine:
+    own = {"n_ctx": n_ctx, "warm_prefix": warm, "unified": layout == "unified", **shape}
+    with _engine_of_its_own(served, **own) as engine:
         prompt = _prompt_for(served.state.teacher.llm)
         prompts = [
             prompt(f"Pregunta {i}: ¿qué es el estadio {s}?")
@@ -402,6 +410,27 @@ async def test_a_finished_prompt_stays_parked_after_its_slot_moves_on(served):
     assert engine.memory_mismatches() == []
 
 
+async def test_with_a_stream_per_answer_prefixes_are_copied_and_the_books_hold(served):
+    """PULMOMED_KV_LAYOUT=streams: llama.cpp copies whole streams only, so sharing the system
+    prefix, borrowing a parked prompt and parking one copy a stream and drop its tail; the
+    cells each sequence holds are still what the engine's books say, and reuse is as unified."""
+    warm = served.state.teacher.warm_prefix()
+    kwargs = {"n_ctx": 4 * 1024, "slots": 2, "parked": 2, "warm_prefix": warm, "unified": False}
+    with _engine_of_its_own(served, **kwargs) as engine:
+        assert engine.rt.n_ctx_seq == 1024 and engine.max_context_per_slot == 1024
+        prompt = _prompt_for(served.state.teacher.llm)
+        a = prompt("Fuentes: [1] El estadio IIIA se trata con quimiorradioterapia. Paciente: 61 años.")
+        b = prompt("Fuentes: [1] El estadio IA se opera. Paciente: 47 años.")
+        first = (await asyncio.to_thread(_run_tasks, engine, [a]))[0]
+        assert first.reused_tokens == len(warm)  # the system prefix, copied to every slot
+        await asyncio.to_thread(_run_tasks, engine, [b, b])  # both slots move on; a stays parked
+        assert all(common_prefix(s.kv_tokens, a) < len(a) - engine.plan.prefill_min for s in engine.slots)
+        again = (await asyncio.to_thread(_run_tasks, engine, [a]))[0]
+        assert again.reused_tokens == len(a) - engine.plan.prefill_min
+        assert first.text and again.text == first.text  # cells in order: the same greedy text
+        assert engine.memory_mismatches() == [] and engine.counters["errors"] == 0
+
+
 async def test_the_engine_sees_a_cache_that_no_longer_matches_its_books(served):
     with _engine_of_its_own(served, n_ctx=512, slots=1, parked=1, max_context_per_slot=256) as engine:
         runtime = engine.rt
@@ -414,9 +443,10 @@ async def test_the_engine_sees_a_cache_that_no_longer_matches_its_books(served):
 
 
 async def test_a_full_cache_takes_the_cells_of_parked_prompts(served):
-    """A cache sized by hand too small for the parked prompts: they give their cells up instead
-    of the next student's answer failing."""
-    with _engine_of_its_own(served, n_ctx=512, slots=1, parked=4, max_context_per_slot=512) as engine:
+    """A unified cache sized by hand too small for the parked prompts: they give their cells up
+    instead of the next student's answer failing (with a stream each, they cannot crowd it)."""
+    kwargs = {"n_ctx": 512, "slots": 1, "parked": 4, "max_context_per_slot": 512, "unified": True}
+    with _engine_of_its_own(served, **kwargs) as engine:
         runtime = engine.rt
         text = "El paciente tiene un tumor pulmonar y recibe tratamiento según las guías. " * 20
         prompts = [runtime.tokenize(f"Caso {i}: {text}")[:100] for i in range(4)]

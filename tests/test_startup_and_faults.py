@@ -154,6 +154,7 @@ async def test_grounding_check_is_off_for_a_model_the_lab_added_unless_asked_for
         ("PULMOMED_PORT", "abc"),
         ("PULMOMED_BACKFILL", "nope"),  # silently meant "off"
         ("PULMOMED_BUDGET_S", "nan"),
+        ("PULMOMED_KV_LAYOUT", "stream"),
     ],
 )
 def test_a_setting_out_of_range_is_refused_naming_its_variable(variable, raw):

@@ -1,6 +1,18 @@
 """The llama.cpp model and context through llama-cpp-python's low-level API.
 
-`LlamaRuntime` owns one model and one context with a unified KV cache shared by several sequences.
+`LlamaRuntime` owns one model and one context whose KV cache holds several sequences: one cache
+they all share (`unified`, the default), or one stream per sequence.
+
+- Unified: a prompt prefix is shared between sequences without a copy. Attention sums a
+  sequence's cells in cache order, and llama.cpp may put a new cell before a sequence's older ones
+  (it searches from cell 0 again when enough cells before its head are free), so where earlier
+  traffic left holes can change a greedy answer's rounding (BENCHMARKS.md, twelfth round).
+- One stream per sequence: a sequence's cells stay in position order, so an answer is the same
+  alone or beside others; sharing a prefix copies the source's whole stream (llama.cpp copies
+  whole streams only, at its next decode) and drops the tail. llama.cpp computes a call in one
+  pass per run of consecutive sequence ids and never mixes a prompt chunk with decode rows, so a
+  16-headset burst ran 3-7 % slower here, despite attention reading only a row's own cells.
+
 It is not thread-safe: only the engine's worker thread calls into it after construction.
 """
 
@@ -27,6 +39,7 @@ class RuntimeConfig:
     n_seq: int
     n_threads: int
     n_batch: int = 512
+    unified: bool = True  # one KV cache for all sequences, or a stream each (module docstring)
     # llama.cpp's repacked CPU weights round differently with batch shape, so a sequence's output
     # would depend on its neighbours; on this machine they were not faster either (BENCHMARKS.md)
     repack: bool = False
@@ -82,7 +95,7 @@ class LlamaRuntime:
         cparams.n_seq_max = config.n_seq
         cparams.n_threads = config.n_threads
         cparams.n_threads_batch = config.n_threads
-        cparams.kv_unified = True  # sequences share prefix cells (seq_cp is free)
+        cparams.kv_unified = config.unified
         cparams.no_perf = True
         # flash attention skips other sequences' (masked) cells, so a sequence's arithmetic depends
         # less on who shares the batch (engine/batching.py says how far that holds)
@@ -95,6 +108,8 @@ class LlamaRuntime:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        # the cells one sequence may use: its stream (llama.cpp rounds it up to 256), or them all
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
         self._piece_buf = ctypes.create_string_buffer(256)
         self.batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._closed = False
@@ -135,7 +150,14 @@ class LlamaRuntime:
         return bool(self.lib.llama_memory_seq_rm(self.memory, seq, p0, p1))
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
-        self.lib.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+        """`dst` gets `src`'s cells of positions p0..p1-1; it must already hold 0..p0-1 the same
+        as `src` (with one stream per sequence, llama.cpp copies src's whole stream, and the cells
+        from p1 on are then dropped)."""
+        if self.config.unified:
+            self.lib.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+            return
+        self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        self.lib.llama_memory_seq_rm(self.memory, dst, p1, -1)
 
     def seq_positions(self, seq: int) -> tuple[int, int]:
         """The first and last position the cache holds for `seq`; (-1, -1) when it holds none."""

@@ -247,7 +247,8 @@ class GenerationEngine:
         # one short step. How many rows each llama_decode call holds is the batch plan's
         # (batching.py): it keeps a call from straddling a kernel switch of llama.cpp's.
         self.plan = BatchPlan.for_chunk(prefill_chunk)
-        self.max_context_per_slot = max_context_per_slot or runtime.n_ctx // max(1, slots)
+        whole = runtime.n_ctx // max(1, slots) if runtime.config.unified else runtime.n_ctx_seq
+        self.max_context_per_slot = min(max_context_per_slot or whole, runtime.n_ctx_seq)
         self._queue: deque[GenerationTask] = deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -582,7 +583,12 @@ class GenerationEngine:
         def reusable(slot: _Slot) -> int:
             return self._reusable(slot, prompt)
 
-        dst = max(free, key=lambda s: (reusable(s), -s.last_used))
+        if self.rt.config.unified:
+            dst = max(free, key=lambda s: (reusable(s), -s.last_used))
+        else:
+            # a prefix is copied from wherever it is anyway; the lowest free slot keeps the busy
+            # ones consecutive (see _step)
+            dst = min(free, key=lambda s: s.seq)
         own = reusable(dst)
         src = max(self.slots + self.parked, key=reusable)
         best = reusable(src)
@@ -648,7 +654,9 @@ class GenerationEngine:
         for parts in calls:
             entries: list[tuple[int, int, int, bool]] = []
             owners: list[tuple[_Slot, int, int]] = []  # slot, first entry index, token count
-            for slot, n in parts:
+            # in sequence order: with a cache stream per sequence llama.cpp computes a call in one
+            # pass per run of consecutive sequence ids
+            for slot, n in sorted(parts, key=lambda part: part[0].seq):
                 base = len(slot.kv_tokens)
                 owners.append((slot, len(entries), n))
                 last = n == len(slot.pending)  # the slot's last pending row gives its logits
