@@ -318,7 +318,9 @@ def _open_llm(store: Any, settings: Settings, state: ServerState) -> Any:
 
     state.closers.append(free_runtime)
     state.closers.append(engine.stop)  # closed first (reverse order): stop the worker, then free
-    component.detail.update({"loaded": True, "slots": settings.slots, "n_ctx": runtime.n_ctx})
+    component.detail.update(
+        {"loaded": True, "slots": settings.slots, "n_ctx": runtime.n_ctx, "kv_layout": settings.kv_layout}
+    )
     return LanguageModel(
         name=name,
         sha256=entry.sha256,

@@ -60,8 +60,9 @@ async def test_health_is_503_starting_while_loading_then_200(settings):
             assert resp.status == 200, await resp.text()
         async with session.get(server.make_url("/api/v1/health")) as resp:
             assert resp.status == 200
-            plan = (await resp.json())["components"]["llm"]["batch_plan"]
-        assert {"prefill_rows", "decode_rows"} <= plan.keys()
+            llm = (await resp.json())["components"]["llm"]
+        assert {"prefill_rows", "decode_rows"} <= llm["batch_plan"].keys()
+        assert llm["kv_layout"] == "unified"  # the default, shown where an admin looks
 
 
 async def test_unknown_model_answers_with_grounded_fallback_unavailable(settings):
