@@ -321,7 +321,7 @@ class TeacherService:
         prepared = self.prepared_if_known(state) or await asyncio.to_thread(self.prepare, state)
         model_name = self.llm.name if self.llm and not self._engine_down() else "fallback-unavailable"
         meta = {
-            "estadio": prepared.state.stage,
+            "estadio": prepared.stage,
             "fuentes": _sources(prepared.passages),
             "retrieved_chunks": len(prepared.passages),
             "llm_model": model_name,
@@ -714,7 +714,7 @@ class TeacherService:
             llm_model=model,
             model_used=model,
             processing_time_ms=0,
-            estadio=prepared.state.stage,
+            estadio=prepared.stage,
             pasajes=[p.id for p in prepared.passages],
             origen=origin,
         )
