@@ -47,10 +47,11 @@ _PALLIATIVE = re.compile(r"\bpaliativ", re.IGNORECASE)
 # treatment, and in advanced disease which second line (a patient progressing on chemotherapy was
 # offered surgery, the stage's first treatment)
 _REEVALUATION = re.compile(r"\breeval[uú]", re.IGNORECASE)
-# the second line, by whether the patient has had immunotherapy (the one they progress on, here)
+# the second line, by whether the tumour progresses on immunotherapy (then a platinum doublet, or
+# docetaxel after chemotherapy with it) or on another treatment (then immunotherapy)
 _SECOND_LINE = {
-    True: re.compile(r"\bsegunda l[ií]nea\b.*\bdocetaxel|\bya recibi[oó] inmunoterapia", re.IGNORECASE),
-    False: re.compile(r"\bsegunda l[ií]nea\b.*\bno recibi[oó] inmunoterapia", re.IGNORECASE),
+    True: re.compile(r"\bprogresa con inmunoterapia\b", re.IGNORECASE),
+    False: re.compile(r"\bsegunda l[ií]nea est[aá]ndar es un inhibidor de PD-1", re.IGNORECASE),
 }
 
 # a sentence that tells a smoker to quit («Dejar de fumar después del diagnóstico… sigue siendo
@@ -116,7 +117,7 @@ def _quitting_sentence(passages: list[tuple[int, str]], recommendation: str) -> 
 def _focus(state: CanonicalState, stage: str) -> tuple[re.Pattern[str] | None, bool]:
     """What this patient's recommendation must be about, and whether surgery is out of it: a
     critical or terminal patient's is palliative care; one whose tumour grows under treatment is
-    re-evaluated, and in stage III-IV given the second line (after immunotherapy, docetaxel)."""
+    re-evaluated, and in stage III-IV given the second line for the treatment they progress on."""
     if state.lung_state in DYING:
         return _PALLIATIVE, True
     if progressing_on_treatment(state):

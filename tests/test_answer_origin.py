@@ -237,8 +237,8 @@ async def test_a_critical_or_terminal_patient_is_recommended_palliative_care_nev
 async def test_a_tumour_growing_under_treatment_is_recommended_the_next_step_never_surgery(settings):
     """A stage II patient progressing on chemotherapy was recommended «la cirugía» (the stage's
     first treatment). Progressing under treatment, the recommendation is now to re-evaluate for
-    another treatment (stage I-II) or the second line (stage III-IV: immunotherapy, or docetaxel
-    for a patient progressing on it), cited to its guideline."""
+    another treatment (stage I-II) or the second line (stage III-IV: immunotherapy, or
+    chemotherapy for a patient progressing on it), cited to its guideline."""
     async with own_server(with_settings(settings, model="no-such-model")) as served:
         for volume, expected in ((20.0, "reevaluar"), (90.0, "segunda línea")):
             for treatment in ("quimio", "radio", "inmuno"):
@@ -249,10 +249,11 @@ async def test_a_tumour_growing_under_treatment_is_recommended_the_next_step_nev
                 assert status == 200, answer
                 recommendation = answer["recomendacion"]
                 assert expected in recommendation, (body, recommendation)
-                if volume == 90.0:  # the second line: docetaxel after immunotherapy, else immunotherapy
-                    after_immunotherapy = treatment == "inmuno"
-                    assert ("docetaxel" in recommendation) == after_immunotherapy, recommendation
-                    assert ("PD-1" in recommendation) != after_immunotherapy, recommendation
+                if volume == 90.0:  # on immunotherapy: chemotherapy (a platinum doublet, or docetaxel
+                    # after chemotherapy with it); on anything else: immunotherapy
+                    on_immunotherapy = treatment == "inmuno"
+                    assert ("doblete" in recommendation) == on_immunotherapy, recommendation
+                    assert ("PD-1" in recommendation) != on_immunotherapy, recommendation
                 assert not re.search(r"cirug|operar|lobectom|resecc", recommendation, re.I), recommendation
                 cited = int(CITATION.findall(recommendation)[-1])
                 assert answer["fuentes"][cited - 1].startswith("ESMO Clinical Practice Guideline")
