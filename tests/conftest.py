@@ -181,6 +181,20 @@ def generated(llm_model: str, name: str) -> bool:
     return llm_model in (name, "fallback-unsupported")
 
 
+def case_request(case) -> dict:
+    """The request a headset sends for a library case: the case's own patient and volumes."""
+    return {
+        "edad": case.edad,
+        "es_fumador": case.es_fumador,
+        "pack_years": case.pack_years,
+        "dieta": case.dieta,
+        "volumen_tumor_sensible": case.volumen_inicial_sensible,
+        "volumen_tumor_resistente": case.volumen_inicial_resistente,
+        "modo": "biblioteca",
+        "caso_id": case.caso_id,
+    }
+
+
 def with_settings(settings: Settings, **changes: object) -> Settings:
     return replace(settings, **changes)
 

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import re
 
-from conftest import own_server, read_stream, with_settings
+from conftest import case_request, own_server, read_stream, with_settings
 
 from pulmomed_edge.canonical import canonicalize
 from pulmomed_edge.config import CORPUS_DIR
@@ -37,19 +37,6 @@ async def read_done(served, body) -> dict:
     """The stream's `done` event."""
     (done,) = [data for name, data in await read_stream(served, body) if name == "done"]
     return done
-
-
-def case_request(case) -> dict:
-    return {
-        "edad": case.edad,
-        "es_fumador": case.es_fumador,
-        "pack_years": case.pack_years,
-        "dieta": case.dieta,
-        "volumen_tumor_sensible": case.volumen_inicial_sensible,
-        "volumen_tumor_resistente": case.volumen_inicial_resistente,
-        "modo": "biblioteca",
-        "caso_id": case.caso_id,
-    }
 
 
 def passages(*ids: str) -> list[tuple[int, str]]:

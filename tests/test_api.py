@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import generated
+from conftest import case_request, generated
 
 from pulmomed_edge.engine.scheduler import common_prefix
 from pulmomed_edge.prompts import Sections, render_prompt
@@ -89,16 +89,7 @@ async def test_a_library_case_answer_names_the_case_own_stage(served):
     """SEER_005's volumes alone read "IIA (T2b)"; its answer said so beside a text about stage IVA.
     `estadio` is now the stage the teacher taught by: the case's own."""
     case = served.state.library.get("SEER_005_joven_nunca_fumador")
-    body = {
-        "edad": case.edad,
-        "es_fumador": case.es_fumador,
-        "pack_years": case.pack_years,
-        "dieta": case.dieta,
-        "volumen_tumor_sensible": case.volumen_inicial_sensible,
-        "volumen_tumor_resistente": case.volumen_inicial_resistente,
-        "modo": "biblioteca",
-        "caso_id": case.caso_id,
-    }
+    body = case_request(case)
     status, answer = await post(served, body)
     assert status == 200, answer
     assert answer["estadio"] == case.estadio == "IVA"
