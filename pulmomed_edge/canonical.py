@@ -188,17 +188,13 @@ def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
     queries.append(f"estadio {stage_roman} del cáncer de pulmón no microcítico: qué significa y tratamiento")
     if c.lung_state in DYING:
         queries.append(PALLIATIVE_QUERY)
+    treatment = [TREATMENT_QUERIES[c.treatment]] if c.treatment != "ninguno" else []
+    resistance = [RESISTANCE_QUERY] if resistance_matters(c) else []
     if progressing_on_treatment(c):
-        # why it grows (the resistant clones) before the treatment's side effects
-        queries.append(PROGRESSION_QUERY)
-        if resistance_matters(c):
-            queries.append(RESISTANCE_QUERY)
-        queries.append(TREATMENT_QUERIES[c.treatment])
+        # what comes next, then why it grows (the resistant clones), then the treatment's side effects
+        queries += [PROGRESSION_QUERY, *resistance, *treatment]
     else:
-        if c.treatment != "ninguno":
-            queries.append(TREATMENT_QUERIES[c.treatment])
-        if resistance_matters(c):
-            queries.append(RESISTANCE_QUERY)
+        queries += [*treatment, *resistance]
     queries.append(SMOKING_QUERIES[c.smoking])
     return queries
 

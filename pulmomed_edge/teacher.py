@@ -537,10 +537,10 @@ class TeacherService:
             affordable = int((left_s - first_token_s) / max(per_token_s, 1e-3))
             late = first_token_s > self.config.admit_share * budget_s
             # the fewest tokens worth starting for: with the recommendation from the sources the
-            # model writes the explanation alone, the same share of them as of its budget
+            # model writes the explanation alone, the explanation's share of them (answer_budget)
             least = ADMIT_MIN_TOKENS
             if self.config.recommendation_from_sources:
-                least = ADMIT_MIN_TOKENS * 3 // 5
+                least = answer_budget(ADMIT_MIN_TOKENS, explanation_only=True)["max_new_tokens"]
             short = math.isfinite(self.config.admit_share) and affordable < least
             # nor may a new student make the answers already running miss their budget (they wrap
             # up from ANSWER_SHARE of it; what matters is the budget itself)
@@ -649,10 +649,10 @@ class TeacherService:
     def _checked(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
         """The model's answer without the sentences its sources do not support; a section left
         with none is the grounded summary's (and `origen` says so)."""
-        if not self.config.grounding:
-            final, origin = _completed(sections, self._extractive(prepared))
-            return self._response(prepared, final, model, origin)
         summary = self._extractive(prepared)
+        if not self.config.grounding:
+            final, origin = _completed(sections, summary)
+            return self._response(prepared, final, model, origin)
         grounded = ground_sections(
             sections, prepared.support, summary, stage=prepared.stage, patient=prepared.patient
         )
