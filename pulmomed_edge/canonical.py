@@ -164,6 +164,11 @@ DYING = ("critico", "terminal")
 # a tumour that grows under treatment: what comes next (re-evaluation, a second line), not the
 # stage's first treatment (an answer offered surgery to a patient progressing on chemotherapy)
 PROGRESSION_QUERY = "progresión del tumor durante el tratamiento: reevaluar y tratamiento de segunda línea"
+# a patient on treatment whose tumour does not grow: go on with it and assess the response (a stage
+# II patient 100 days into chemotherapy was recommended the stage's first treatment, surgery)
+RESPONSE_QUERY = (
+    "tratamiento en curso sin progresión: seguir con el tratamiento y evaluar la respuesta con RECIST 1.1"
+)
 _MANY_RESISTANT = ("10-30 %", "más del 30 %")
 
 
@@ -190,13 +195,26 @@ def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
         queries.append(PALLIATIVE_QUERY)
     treatment = [TREATMENT_QUERIES[c.treatment]] if c.treatment != "ninguno" else []
     resistance = [RESISTANCE_QUERY] if resistance_matters(c) else []
+    smoking = [SMOKING_QUERIES[c.smoking]]
     if progressing_on_treatment(c):
         # what comes next, then why it grows (the resistant clones), then the treatment's side effects
-        queries += [PROGRESSION_QUERY, *resistance, *treatment]
+        queries += [PROGRESSION_QUERY, *resistance, *treatment, *smoking]
+    elif responding_to_treatment(c):
+        # what comes next (go on, assess the response); a smoker's quitting before the treatment's
+        # side effects, so that it stays among the few passages
+        if c.smoking == "fumador":
+            queries += [RESPONSE_QUERY, *smoking, *treatment, *resistance]
+        else:
+            queries += [RESPONSE_QUERY, *treatment, *resistance, *smoking]
     else:
-        queries += [*treatment, *resistance]
-    queries.append(SMOKING_QUERIES[c.smoking])
+        queries += [*treatment, *resistance, *smoking]
     return queries
+
+
+def responding_to_treatment(c: CanonicalState) -> bool:
+    """On treatment and neither progressing nor critical or terminal (stable, or the simulator
+    says nothing of the lung): the treatment goes on and its response is assessed."""
+    return c.treatment != "ninguno" and c.lung_state not in ("progresando", *DYING)
 
 
 def progressing_on_treatment(c: CanonicalState) -> bool:

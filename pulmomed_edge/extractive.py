@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import re
 
-from .canonical import DYING, CanonicalState, progressing_on_treatment, smoking_phrase, treatment_phrase
+from .canonical import (
+    DYING,
+    CanonicalState,
+    progressing_on_treatment,
+    responding_to_treatment,
+    smoking_phrase,
+    treatment_phrase,
+)
 from .prompts import SENTENCE_BREAK, Sections, without_case_label
 
 # What makes a sentence the recommendation, strongest first: one that names the standard or
@@ -53,6 +60,10 @@ _SECOND_LINE = {
     True: re.compile(r"\bprogresa con inmunoterapia\b", re.IGNORECASE),
     False: re.compile(r"\bsegunda l[ií]nea est[aá]ndar es un inhibidor de PD-1", re.IGNORECASE),
 }
+# What a patient on treatment whose tumour does not grow is told: to go on with it and have its
+# response assessed (a stage II patient 100 days into chemotherapy was offered surgery then
+# adjuvant chemotherapy, the stage's first treatment)
+_GO_ON = re.compile(r"\bse recomienda seguir con el tratamiento previsto\b", re.IGNORECASE)
 
 # a sentence that tells a smoker to quit («Dejar de fumar después del diagnóstico… sigue siendo
 # importante», «Dejar de fumar (cesación tabáquica) sigue siendo…»)
@@ -117,12 +128,17 @@ def _quitting_sentence(passages: list[tuple[int, str]], recommendation: str) -> 
 def _focus(state: CanonicalState, stage: str) -> tuple[re.Pattern[str] | None, bool]:
     """What this patient's recommendation must be about, and whether surgery is out of it: a
     critical or terminal patient's is palliative care; one whose tumour grows under treatment is
-    re-evaluated, and in stage III-IV given the second line for the treatment they progress on."""
+    re-evaluated, and in stage III-IV given the second line for the treatment they progress on;
+    one on treatment whose tumour does not grow goes on with it and has its response assessed,
+    except on radiotherapy in stage III, where the stage's standard names what follows it
+    (consolidation with durvalumab or osimertinib)."""
     if state.lung_state in DYING:
         return _PALLIATIVE, True
+    advanced = stage.startswith(("III", "IV"))
     if progressing_on_treatment(state):
-        advanced = stage.startswith(("III", "IV"))
         return (_SECOND_LINE[state.treatment == "inmuno"] if advanced else _REEVALUATION), True
+    if responding_to_treatment(state) and not (state.treatment == "radio" and stage.startswith("III")):
+        return _GO_ON, False
     return None, False
 
 

@@ -439,9 +439,36 @@ def test_a_tumour_growing_under_treatment_is_taught_what_comes_next(teacher, tre
     ids = [p.id for p in chosen]
     assert ids[1] == "progresion-segunda-linea-01", ids
     assert "resistente" in chosen[2].texto, ids
-    # under treatment but stable: the treatment's own passage, as before
+    # under treatment but stable: no progression passage
     stable = canonicalize(_state(90.0, tratamiento_activo=treatment, lung_state="estable"))
     assert not any(p.id.startswith("progresion-") for p in teacher.retrieve(stable, None))
+
+
+@pytest.mark.parametrize("treatment", ["quimio", "radio", "inmuno"])
+@pytest.mark.parametrize("lung_state", ["estable", None])
+def test_a_patient_on_treatment_whose_tumour_does_not_grow_is_taught_to_assess_the_response(
+    teacher, treatment, lung_state
+):
+    """A stage II patient 100 days into chemotherapy was recommended surgery then adjuvant
+    chemotherapy: no passage said what to do while a treatment works. The response-assessment
+    passage (ESMO, RECIST 1.1) now comes right after the stage, then the treatment's own."""
+    state = canonicalize(
+        _state(20.0, tratamiento_activo=treatment, dias_tratamiento=100, lung_state=lung_state)
+    )
+    ids = [p.id for p in teacher.retrieve(state, None)]
+    assert ids[1] == "respuesta-evaluacion-recist-01", ids
+    assert not any(i.startswith("progresion-") for i in ids), ids
+    # a current smoker's quitting passage keeps its place among the three
+    smoker = canonicalize(
+        _state(20.0, es_fumador=True, pack_years=40, tratamiento_activo=treatment, lung_state=lung_state)
+    )
+    chosen = teacher.retrieve(smoker, None)
+    assert chosen[1].id == "respuesta-evaluacion-recist-01", [p.id for p in chosen]
+    assert any("dejar de fumar" in p.texto.lower() for p in chosen), [p.id for p in chosen]
+    # without treatment, or progressing on it, not this passage
+    for other in (_state(20.0), _state(20.0, tratamiento_activo=treatment, lung_state="progresando")):
+        ids = [p.id for p in teacher.retrieve(canonicalize(other), None)]
+        assert "respuesta-evaluacion-recist-01" not in ids, ids
 
 
 def test_an_ex_smoker_with_a_tumour_is_not_taught_screening(teacher):
