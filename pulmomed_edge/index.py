@@ -6,14 +6,16 @@ with it) and `manifest.json` (which encoder and encoder settings, which corpus, 
 which build parameters). Python opens every file: hnswlib's own save and load take a narrow C++
 path, which a Windows user folder such as C:\\Users\\José breaks, and its save reports no failed
 write; so the graph is rebuilt from the vectors at load, the same graph every time (one thread, a
-fixed seed). A build claims a sibling temporary directory before embedding (an unwritable place
-fails at once), writes it and renames it into place, so a reader never sees half an index. Loading
-checks every file against the manifest and the running encoder; anything off raises
-`KnowledgeIndexError` whose fix is to rebuild (or, for a file it cannot read, to free the file).
+fixed seed). A build holds a lock beside the index directory for its whole run (a second build of
+the same index is refused at once), claims a sibling temporary directory before embedding (an
+unwritable place fails at once), writes it and renames it into place, so a reader never sees half
+an index. Loading checks every file against the manifest and the running encoder; anything off
+raises `KnowledgeIndexError` whose fix is to rebuild (or, for a file it cannot read, to free it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +33,7 @@ from pulmomed_edge.errors import KnowledgeIndexError
 from pulmomed_edge.files import remove_leftovers
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
 
     from pulmomed_edge.embeddings import EmbeddingEncoder
 
@@ -140,29 +142,30 @@ class KnowledgeIndex:
         _check_unique_ids(passages)
         out_dir = Path(out_dir)
         params = {"space": "cosine", "ef_construction": ef_construction, "M": M, "ef_search": _EF_SEARCH}
-        # Claim the temp dir before embedding: an unwritable place fails at once, not after minutes.
-        tmp = _make_build_dir(out_dir)
-        try:
-            vectors = _embed(passages, encoder, batch_size, progress)
-            hnsw = _graph(vectors, params)
-            corpus_sha = corpus_hash(passages)
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "index_id": make_index_id(corpus_sha, encoder_sha256, params, encoder.settings),
-                "encoder_sha256": encoder_sha256,
-                "encoder_settings": encoder.settings,
-                "dim": encoder.dim,
-                "passage_count": len(passages),
-                "corpus_hash": corpus_sha,
-                "params": params,
-                "lab_documents": [str(folder) for folder in lab_documents],
-                "corpus": corpus,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            _write_index(tmp, vectors, passages, manifest, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with _build_lock(out_dir):
+            # Claim the temp dir before embedding: an unwritable place fails at once, not after minutes.
+            tmp = _make_build_dir(out_dir)
+            try:
+                vectors = _embed(passages, encoder, batch_size, progress)
+                hnsw = _graph(vectors, params)
+                corpus_sha = corpus_hash(passages)
+                manifest = {
+                    "format_version": FORMAT_VERSION,
+                    "index_id": make_index_id(corpus_sha, encoder_sha256, params, encoder.settings),
+                    "encoder_sha256": encoder_sha256,
+                    "encoder_settings": encoder.settings,
+                    "dim": encoder.dim,
+                    "passage_count": len(passages),
+                    "corpus_hash": corpus_sha,
+                    "params": params,
+                    "lab_documents": [str(folder) for folder in lab_documents],
+                    "corpus": corpus,
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+                _write_index(tmp, vectors, passages, manifest, out_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return cls(hnsw, passages, manifest)
 
     @classmethod
@@ -433,10 +436,51 @@ def _unwritable(out_dir: Path, exc: OSError) -> KnowledgeIndexError:
     )
 
 
+@contextlib.contextmanager
+def _build_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the build lock of the index at `out_dir` for the block (a file beside it, as the build
+    replaces the folder); when another build holds it, fail at once instead of waiting.
+
+    Two builds swapping their temp dirs into `out_dir` at once failed midway with an "unwritable"
+    error. The OS releases the lock when its process dies, so a killed build keeps no one out."""
+    from filelock import FileLock, Timeout
+
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        held = FileLock(lock_path, blocking=False).acquire()
+    except Timeout:  # a TimeoutError, an OSError: before the cases below
+        raise _build_in_progress(out_dir, lock_path) from None
+    except OSError as exc:
+        if os.path.lexists(lock_path):  # left by another user account's build, or a folder
+            raise _unusable_lock(lock_path, exc) from exc
+        raise _unwritable(out_dir, exc) from exc
+    with held:
+        yield
+
+
+def _build_in_progress(out_dir: Path, lock_path: Path) -> KnowledgeIndexError:
+    return KnowledgeIndexError(
+        f"Ya hay otra reconstrucción del índice de conocimiento en curso ({out_dir})",
+        f"another rebuild of the knowledge index at {out_dir} is in progress",
+        f"wait for it to finish, then run this command again if still needed; if no other build "
+        f"is running, delete {lock_path} and try again",
+    )
+
+
+def _unusable_lock(lock_path: Path, exc: OSError) -> KnowledgeIndexError:
+    reason = exc.strerror or str(exc)
+    return KnowledgeIndexError(
+        f"No se puede usar el bloqueo de la reconstrucción del índice, {lock_path} ({reason})",
+        f"cannot open the index's build lock {lock_path}: {reason}",
+        f"if no build of this index is running, delete {lock_path} (a build by another user "
+        "account may have left it) and try again",
+    )
+
+
 def _make_build_dir(out_dir: Path) -> Path:
     """A temp dir beside `out_dir` (same filesystem, so the final rename is atomic)."""
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
         # a build killed half-way (the console closed) left these
         remove_leftovers(out_dir.parent, (f".{out_dir.name}.building-*", f".{out_dir.name}.old-*"))
         build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock, Timeout
 
 from pulmomed_edge.cli import main
+from pulmomed_edge.embeddings import EmbeddingEncoder
 from pulmomed_edge.index import KnowledgeIndex
 
 GUIA = (
@@ -354,3 +356,63 @@ def test_a_build_removes_what_killed_builds_left_and_is_readable_by_other_accoun
     assert not stale.exists() and not old_swap.exists() and fresh.exists()
     if sys.platform != "win32":
         assert admin.index.stat().st_mode & 0o777 == 0o755
+
+
+# --- 7. one build of an index at a time ---------------------------------------------------------
+
+
+def _lock_is_free(index_dir: Path) -> bool:
+    """No build holds the lock beside `index_dir` (taken here and let go at once)."""
+    try:
+        with FileLock(index_dir.parent / f".{index_dir.name}.lock", blocking=False):
+            return True
+    except Timeout:
+        return False
+
+
+def test_a_second_build_while_one_runs_is_refused_at_once_and_the_index_stays(admin, encoder_bundle):
+    """Two builds swapped their temp folders into the same index at once: the second failed midway,
+    saying the index folder could not be written."""
+    assert admin.build()[0] == 0
+    before = admin.manifest()
+    lock = admin.index.parent / ".current.lock"
+    with FileLock(lock, blocking=False):  # another console's build, still embedding
+        code, _, err = admin.build()
+    assert code == 1
+    assert "another rebuild of the knowledge index" in err and "Ya hay otra reconstrucción" in err
+    assert "wait for it to finish" in err and f"delete {lock}" in err
+    assert "Embedding passages" not in err  # refused before any work
+    assert admin.manifest() == before and not list(admin.index.parent.glob(".current.building-*"))
+    encoder, sha = encoder_bundle
+    KnowledgeIndex.load(
+        admin.index, encoder_sha256=sha, dim=encoder.dim, encoder_settings=encoder.settings
+    ).close()
+    assert admin.build()[0] == 0  # once that build is over, the next one runs
+
+
+def test_the_lock_is_let_go_after_a_build_and_after_one_that_failed(admin, monkeypatch):
+    assert admin.build()[0] == 0
+    assert _lock_is_free(admin.index)
+    before = admin.manifest()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the admin pressed Ctrl+C while the passages were embedded
+
+    monkeypatch.setattr(EmbeddingEncoder, "encode", interrupted)
+    code, _, err = admin.build()
+    assert code == 130 and "Embedding passages" in err  # it failed inside the build
+    assert _lock_is_free(admin.index)
+    assert admin.manifest() == before and not list(admin.index.parent.glob(".current.building-*"))
+
+
+def test_a_lock_this_account_cannot_open_is_named_with_how_to_clear_it(admin):
+    """The lock file stays after a build (on Linux and macOS): one made by another user account,
+    or a folder in its place, must not read as an unwritable index folder."""
+    assert admin.build()[0] == 0
+    before = admin.manifest()
+    lock = admin.index.parent / ".current.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()  # opening it fails even for root
+    code, _, err = admin.build()
+    assert code == 1 and f"cannot open the index's build lock {lock}" in err and f"delete {lock}" in err
+    assert "Embedding passages" not in err and admin.manifest() == before
