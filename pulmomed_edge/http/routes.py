@@ -106,7 +106,10 @@ async def _read_state(request: web.Request, state: ServerState) -> SimulationSta
     except TimeoutError:
         incomplete = "El cuerpo de la solicitud llegó incompleto: vuelve a enviarlo."
         raise _bad_body(incomplete, web.HTTPRequestTimeout) from None
-    except web.RequestPayloadError:  # e.g. a Content-Encoding the body does not match
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the body does not match
+        # the headset's mistake, not ours: one line in the teacher's log (MalformedHttpFilter
+        # drops aiohttp's own report of it, a traceback)
+        log.warning("unreadable request body from %s: %s", request.remote, " ".join(str(exc).split()))
         raise _bad_body("No se pudo leer el cuerpo de la solicitud (¿compresión errónea?).") from None
     try:
         # a leading BOM is allowed (RFC 8259: a reader may ignore it; Windows tools write one)
