@@ -13,8 +13,8 @@ sentence and needs two new terms, not one.
 This catches invention, not every error: a sentence built from the sources' own words can still
 misapply them (an adjuvant treatment for a case that does not need it). Two such errors are
 checked on their own: a sentence that puts the patient in a stage other than theirs
-(`misstates_stage`), and one that turns the simulator's resistance model around
-(`inverts_resistance`).
+(`misstates_stage`), one that turns the simulator's resistance model around
+(`inverts_resistance`), and one that calls the cancer small-cell (`calls_small_cell`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def unsupported(
     """Whether the sentence is withheld: it brings enough terms of its own, or it gives the patient
     a stage other than `stage` (misstates_stage), or it only strings together the terms of the
     patient line (`patient`, its terms; None: not checked; restates_patient)."""
-    if misstates_stage(sentence, stage) or inverts_resistance(sentence):
+    if misstates_stage(sentence, stage) or inverts_resistance(sentence) or calls_small_cell(sentence):
         return True
     if patient is not None and restates_patient(sentence, patient):
         return True
@@ -164,6 +164,27 @@ def inverts_resistance(sentence: str) -> bool:
     ("Los clones resistentes son los clones de las células que responden a la radioterapia")."""
     responding = _RESPONDING.search(sentence) and not _DENIED.search(sentence)
     return bool(responding or _AIMED_AT_RESISTANCE.search(sentence))
+
+
+# «microcítico» not preceded by «no»: the lexical tokens fold «no microcítico» into one term, so a
+# bare «microcítico» is a claim of its own
+_SMALL_CELL = re.compile(r"(?<!\bno )\bmicroc[ií]tic[oa]s?\b", re.IGNORECASE)
+
+
+_TRANSFORMED = re.compile(r"\btransforma", re.IGNORECASE)
+
+
+def calls_small_cell(sentence: str) -> bool:
+    """Whether a sentence about the patient or their tumour calls the cancer small-cell
+    («microcítico» without «no»). Every patient of the simulator has a non-small-cell cancer; the
+    default model wrote «el tumor es microcítico debido a la mutación de EGFR», and with a passage
+    that happens to use «tamaño» every other term of it was supported. Sentences about the kinds
+    of lung cancer in general, and a transformation to small-cell under a targeted drug (a
+    resistance mechanism the passages teach), are not this claim."""
+    sentence = " ".join(sentence.split())
+    return bool(
+        _SMALL_CELL.search(sentence) and _ONE_PATIENT.search(sentence) and not _TRANSFORMED.search(sentence)
+    )
 
 
 class SentenceGate:

@@ -6,6 +6,7 @@ from pulmomed_edge.config import KNOWLEDGE_DIR
 from pulmomed_edge.corpus import load_corpus
 from pulmomed_edge.grounding import (
     SentenceGate,
+    calls_small_cell,
     ground_sections,
     inverts_resistance,
     misstates_stage,
@@ -206,6 +207,28 @@ def test_a_sentence_giving_the_patient_another_stage_is_withheld(sentence, stage
 def test_a_sentence_that_turns_resistance_around_is_withheld(sentence, inverted):
     assert inverts_resistance(sentence) is inverted
     assert unsupported(sentence, support_of([sentence])) is inverted
+
+
+@pytest.mark.parametrize(
+    ("sentence", "small_cell"),
+    [
+        # written by the default model (tests/data/grounding_sentences.jsonl)
+        (
+            "Se considera que el tumor es microcítico debido a la mutación de EGFR en estadio IIIA.",
+            True,
+        ),
+        ("El paciente tiene un cáncer microcítico.", True),
+        ("El cáncer de pulmón no microcítico (CPNM) es el más frecuente.", False),
+        # the passages' own: the kinds of lung cancer, a resistance mechanism
+        ("El cáncer microcítico es un carcinoma neuroendocrino de alto grado.", False),
+        ("Con osimertinib, el tumor puede transformarse en un carcinoma microcítico.", False),
+        ("Los tumores no  microcíticos se tratan según su estadio.", False),
+        ("El paciente tiene un cáncer de pulmón no microcítico en estadio IIA.", False),
+    ],
+)
+def test_a_sentence_that_calls_the_cancer_small_cell_is_withheld(sentence, small_cell):
+    assert calls_small_cell(sentence) is small_cell
+    assert unsupported(sentence, support_of([sentence])) is small_cell
 
 
 def test_a_sentence_of_the_patient_line_alone_is_withheld_one_adding_to_it_is_not():
