@@ -164,11 +164,17 @@ DYING = ("critico", "terminal")
 # a tumour that grows under treatment: what comes next (re-evaluation, a second line), not the
 # stage's first treatment (an answer offered surgery to a patient progressing on chemotherapy)
 PROGRESSION_QUERY = "progresión del tumor durante el tratamiento: reevaluar y tratamiento de segunda línea"
-# a patient on treatment whose tumour does not grow: go on with it and assess the response (a stage
-# II patient 100 days into chemotherapy was recommended the stage's first treatment, surgery)
-RESPONSE_QUERY = (
-    "tratamiento en curso sin progresión: seguir con el tratamiento y evaluar la respuesta con RECIST 1.1"
+# a patient on treatment whose tumour does not grow: what comes next depends on the stage (a stage
+# II patient 100 days into chemotherapy was recommended the stage's first treatment, surgery). In
+# stage I-II the treatment is curative: complete it (then surgery or CT follow-up), or after
+# radiotherapy, CT follow-up; in stage IV keep it and assess the response (RECIST 1.1). In stage
+# III the stage passage's standard names what follows (consolidation after chemoradiotherapy).
+CURATIVE_QUERY = (
+    "estadios I-II: completar la quimioterapia o inmunoterapia con intención curativa, "
+    "neoadyuvante o adyuvante"
 )
+RADIOTHERAPY_FOLLOW_UP_QUERY = "seguimiento con TC de tórax tras radioterapia con intención curativa (SBRT)"
+RESPONSE_QUERY = "estadio IV en tratamiento sin progresión: mantenerlo y evaluar la respuesta con RECIST 1.1"
 _MANY_RESISTANT = ("10-30 %", "más del 30 %")
 
 
@@ -186,7 +192,8 @@ def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
     prompts share long cached prefixes (putting the resistance passage first saved ~5 % of prompt
     tokens but led the 0.5B model to open with the simulator's two-population passage)."""
     # a library case's own stage: the passage of the stage its volumes suggest would contradict it
-    stage_roman = patient_stage(c, case).split(" ")[0].rstrip("+")
+    stage = patient_stage(c, case)
+    stage_roman = stage.split(" ")[0].rstrip("+")
     queries: list[str] = []
     if case is not None:
         queries.append(f"caso de biblioteca {case.caso_id} {case.titulo}")
@@ -199,22 +206,39 @@ def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
     if progressing_on_treatment(c):
         # what comes next, then why it grows (the resistant clones), then the treatment's side effects
         queries += [PROGRESSION_QUERY, *resistance, *treatment, *smoking]
-    elif responding_to_treatment(c):
-        # what comes next (go on, assess the response); a smoker's quitting before the treatment's
-        # side effects, so that it stays among the few passages
+    elif (next_step := next_step_query(c, stage)) is not None:
+        # what comes next; a smoker's quitting before the treatment's side effects, so that it
+        # stays among the few passages
         if c.smoking == "fumador":
-            queries += [RESPONSE_QUERY, *smoking, *treatment, *resistance]
+            queries += [next_step, *smoking, *treatment, *resistance]
         else:
-            queries += [RESPONSE_QUERY, *treatment, *resistance, *smoking]
+            queries += [next_step, *treatment, *resistance, *smoking]
     else:
         queries += [*treatment, *resistance, *smoking]
     return queries
 
 
+def stage_group(stage: str) -> str:
+    """ "I", "II", "III" or "IV" of a stage label ("IIA (T2b)", "IIIA+ (T4 o avanzado)", "IVA")."""
+    roman = stage.split(" ")[0].rstrip("+")
+    return "IV" if roman.startswith("IV") else roman.rstrip("ABC")
+
+
 def responding_to_treatment(c: CanonicalState) -> bool:
     """On treatment and neither progressing nor critical or terminal (stable, or the simulator
-    says nothing of the lung): the treatment goes on and its response is assessed."""
+    says nothing of the lung): the treatment goes on."""
     return c.treatment != "ninguno" and c.lung_state not in ("progresando", *DYING)
+
+
+def next_step_query(c: CanonicalState, stage: str) -> str | None:
+    """The query for what comes next for a patient responding to treatment at `stage` (None when
+    not on treatment, or in stage III, whose stage passage names it)."""
+    if not responding_to_treatment(c):
+        return None
+    group = stage_group(stage)
+    if group in ("I", "II"):
+        return RADIOTHERAPY_FOLLOW_UP_QUERY if c.treatment == "radio" else CURATIVE_QUERY
+    return RESPONSE_QUERY if group == "IV" else None
 
 
 def progressing_on_treatment(c: CanonicalState) -> bool:

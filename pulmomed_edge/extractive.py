@@ -15,6 +15,7 @@ from .canonical import (
     progressing_on_treatment,
     responding_to_treatment,
     smoking_phrase,
+    stage_group,
     treatment_phrase,
 )
 from .prompts import SENTENCE_BREAK, Sections, without_case_label
@@ -60,10 +61,15 @@ _SECOND_LINE = {
     True: re.compile(r"\bprogresa con inmunoterapia\b", re.IGNORECASE),
     False: re.compile(r"\bsegunda l[ií]nea est[aá]ndar es un inhibidor de PD-1", re.IGNORECASE),
 }
-# What a patient on treatment whose tumour does not grow is told: to go on with it and have its
-# response assessed (a stage II patient 100 days into chemotherapy was offered surgery then
-# adjuvant chemotherapy, the stage's first treatment)
-_GO_ON = re.compile(r"\bse recomienda seguir con el tratamiento previsto\b", re.IGNORECASE)
+# What a patient on treatment whose tumour does not grow is told, by stage (a stage II patient 100
+# days into chemotherapy was offered surgery then adjuvant chemotherapy, the stage's first
+# treatment): in stage I-II to complete the curative plan, or CT follow-up after radiotherapy; in
+# stage IV to keep the treatment and assess the response
+_NEXT_STEP = {
+    "curative": re.compile(r"\bse recomienda completar el plan previsto\b", re.IGNORECASE),
+    "radiotherapy": re.compile(r"\bTC de t[oó]rax cada 3 a 6 meses\b", re.IGNORECASE),
+    "advanced": re.compile(r"\bse recomienda mantenerlo y evaluar la respuesta\b", re.IGNORECASE),
+}
 
 # a sentence that tells a smoker to quit («Dejar de fumar después del diagnóstico… sigue siendo
 # importante», «Dejar de fumar (cesación tabáquica) sigue siendo…»)
@@ -128,17 +134,19 @@ def _quitting_sentence(passages: list[tuple[int, str]], recommendation: str) -> 
 def _focus(state: CanonicalState, stage: str) -> tuple[re.Pattern[str] | None, bool]:
     """What this patient's recommendation must be about, and whether surgery is out of it: a
     critical or terminal patient's is palliative care; one whose tumour grows under treatment is
-    re-evaluated, and in stage III-IV given the second line for the treatment they progress on;
-    one on treatment whose tumour does not grow goes on with it and has its response assessed,
-    except on radiotherapy in stage III, where the stage's standard names what follows it
-    (consolidation with durvalumab or osimertinib)."""
+    re-evaluated, and in stage III-IV given the second line for the treatment they progress on.
+    One on treatment whose tumour does not grow completes the curative plan in stage I-II (CT
+    follow-up after radiotherapy) and keeps the treatment, its response assessed, in stage IV; in
+    stage III the stage's standard names what follows (consolidation after chemoradiotherapy)."""
     if state.lung_state in DYING:
         return _PALLIATIVE, True
-    advanced = stage.startswith(("III", "IV"))
+    group = stage_group(stage)
     if progressing_on_treatment(state):
-        return (_SECOND_LINE[state.treatment == "inmuno"] if advanced else _REEVALUATION), True
-    if responding_to_treatment(state) and not (state.treatment == "radio" and stage.startswith("III")):
-        return _GO_ON, False
+        return (_SECOND_LINE[state.treatment == "inmuno"] if group in ("III", "IV") else _REEVALUATION), True
+    if responding_to_treatment(state) and group != "III":
+        if group == "IV":
+            return _NEXT_STEP["advanced"], False
+        return _NEXT_STEP["radiotherapy" if state.treatment == "radio" else "curative"], False
     return None, False
 
 

@@ -254,38 +254,48 @@ async def test_a_tumour_growing_under_treatment_is_recommended_the_next_step_nev
         assert "segunda línea" not in answer["recomendacion"] and "reevaluar" not in answer["recomendacion"]
 
 
-async def test_a_patient_on_treatment_whose_tumour_does_not_grow_goes_on_and_has_the_response_assessed(
+async def test_a_patient_on_treatment_whose_tumour_does_not_grow_is_recommended_the_next_step_at_their_stage(
     settings,
 ):
     """The medical review: a stage IIA patient 100 days into chemotherapy, or on radiotherapy, was
     told «cirugía seguida de quimioterapia adyuvante», the stage's first treatment, not this
-    patient's next step. On treatment and not progressing, the recommendation is now to go on
-    with it and assess the response with the same imaging (ESMO), cited to its source; in stage
-    III on radiotherapy the stage's standard still leads, since it names what follows it."""
+    patient's next step. On treatment and not progressing, the recommendation is now, cited to
+    its source: in stage I-II to complete the curative plan (NCCN), or after radiotherapy CT
+    follow-up; in stage III the stage's standard (it names the consolidation that follows
+    chemoradiotherapy); in stage IV to keep the treatment and assess its response (ESMO)."""
     async with own_server(with_settings(settings, model="no-such-model")) as served:
-        for volume in (20.0, 90.0):
-            for treatment in ("quimio", "radio", "inmuno"):
-                for lung_state in ("estable", None):
-                    body = {"edad": 66, "pack_years": 30, "volumen_tumor_sensible": volume}
-                    body |= {"tratamiento_activo": treatment, "dias_tratamiento": 100}
-                    if lung_state:
-                        body["lung_state"] = lung_state
+        seer_004 = case_request(served.state.library.get("SEER_004_estadio_IV_metastasis"))
+        for treatment in ("quimio", "radio", "inmuno"):
+            for lung_state in ("estable", None):
+                on_treatment = {"tratamiento_activo": treatment, "dias_tratamiento": 100}
+                if lung_state:
+                    on_treatment["lung_state"] = lung_state
+                for base in (
+                    {"edad": 66, "pack_years": 30, "volumen_tumor_sensible": 20.0},
+                    {"edad": 66, "pack_years": 30, "volumen_tumor_sensible": 90.0},
+                    seer_004,
+                ):
+                    body = base | on_treatment
                     status, answer = await post(served, body)
                     assert status == 200, answer
                     recommendation = answer["recomendacion"]
-                    assert "respuesta-evaluacion-recist-01" in answer["pasajes"], answer["pasajes"]
-                    cited = int(CITATION.findall(recommendation)[-1])
-                    if treatment == "radio" and answer["estadio"].startswith("III"):
+                    cited = answer["fuentes"][int(CITATION.findall(recommendation)[-1]) - 1]
+                    stage = answer["estadio"]
+                    if stage.startswith("III"):
                         assert "durvalumab" in recommendation, (body, recommendation)
-                        continue
-                    assert "seguir con el tratamiento previsto" in recommendation, (body, recommendation)
-                    assert "evaluar la respuesta" in recommendation, recommendation
-                    assert not re.search(r"cirug|lobectom|segunda l", recommendation, re.I), recommendation
-                    assert answer["fuentes"][cited - 1].startswith("ESMO Clinical Practice Guidelines")
+                    elif stage.startswith("IV"):
+                        assert "mantenerlo y evaluar la respuesta" in recommendation, (body, answer)
+                        assert cited.startswith("ESMO Clinical Practice Guidelines"), cited
+                    elif treatment == "radio":
+                        assert "TC de tórax cada 3 a 6 meses" in recommendation, (body, recommendation)
+                        assert cited.startswith("NCCN"), cited
+                    else:
+                        assert "completar el plan previsto" in recommendation, (body, recommendation)
+                        assert cited.startswith("NCCN"), cited
+                    assert not re.search(r"segunda l|reevalu", recommendation, re.I), recommendation
         # untreated, the stage's standard as before
         status, answer = await post(served, {"edad": 66, "pack_years": 30, "volumen_tumor_sensible": 20.0})
         assert "cirugía" in answer["recomendacion"], answer
-        assert "respuesta-evaluacion-recist-01" not in answer["pasajes"], answer
 
 
 async def test_a_current_smoker_is_told_that_quitting_still_matters_an_ex_smoker_is_not(settings):
