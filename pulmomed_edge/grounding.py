@@ -14,7 +14,8 @@ This catches invention, not every error: a sentence built from the sources' own 
 misapply them (an adjuvant treatment for a case that does not need it). Two such errors are
 checked on their own: a sentence that puts the patient in a stage other than theirs
 (`misstates_stage`), one that turns the simulator's resistance model around
-(`inverts_resistance`), and one that calls the cancer small-cell (`calls_small_cell`).
+(`inverts_resistance`), one that calls the cancer small-cell (`calls_small_cell`), and one that
+puts the patient "en estado de" something (`glues_state`).
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def unsupported(
     """Whether the sentence is withheld: it brings enough terms of its own, or it gives the patient
     a stage other than `stage` (misstates_stage), or it only strings together the terms of the
     patient line (`patient`, its terms; None: not checked; restates_patient)."""
-    if misstates_stage(sentence, stage) or inverts_resistance(sentence) or calls_small_cell(sentence):
+    if misstates_stage(sentence, stage) or inverts_resistance(sentence):
+        return True
+    if calls_small_cell(sentence) or glues_state(sentence):
         return True
     if patient is not None and restates_patient(sentence, patient):
         return True
@@ -150,6 +153,12 @@ _RESPONDING = re.compile(r"\bresistentes?\b.*\brespond|\brespond.*\bresistentes?
 _DENIED = re.compile(r"\b(?:no|ni|sin|nunca|apenas)\b", re.IGNORECASE)
 # a treatment given to raise or remove the resistant clones (it removes the sensitive ones; the
 # resistant ones are what survives it)
+# the two populations swapped: «La células resistentes forman el volumen sensible»
+_SWAPPED_POPULATIONS = re.compile(
+    r"\bresistentes?\s+(?:forman|constituyen|componen)\s+el\s+volumen\s+sensible\b"
+    r"|\bsensibles?\s+(?:forman|constituyen|componen)\s+el\s+volumen\s+resistente\b",
+    re.IGNORECASE,
+)
 _AIMED_AT_RESISTANCE = re.compile(
     r"\bpara\s+(?:aumentar|eliminar|destruir)\s+(?:el\s+número\s+de\s+|las\s+|los\s+)?"
     r"(?:células|clones)\s+resistentes\b",
@@ -159,11 +168,25 @@ _AIMED_AT_RESISTANCE = re.compile(
 
 def inverts_resistance(sentence: str) -> bool:
     """Whether a sentence turns the simulator's resistance model around: resistant cells that
-    respond to treatment, or a treatment given to raise or to remove them. Built from the
-    passages' own words, such sentences pass the term check, and the small model writes them
-    ("Los clones resistentes son los clones de las células que responden a la radioterapia")."""
+    respond to treatment, a treatment given to raise or to remove them, or the resistant cells
+    forming the sensitive volume. Built from the passages' own words, such sentences pass the
+    term check, and the small model writes them ("Los clones resistentes son los clones de las
+    células que responden a la radioterapia")."""
     responding = _RESPONDING.search(sentence) and not _DENIED.search(sentence)
-    return bool(responding or _AIMED_AT_RESISTANCE.search(sentence))
+    return bool(responding or _AIMED_AT_RESISTANCE.search(sentence) or _SWAPPED_POPULATIONS.search(sentence))
+
+
+# «en estado de …»: no passage and no patient line says it (the patient line has «estado pulmonar
+# …»); the small model glues the patient to whatever noun follows
+_IN_STATE_OF = re.compile(r"\ben\s+(?:un\s+)?estado\s+de\b", re.IGNORECASE)
+
+
+def glues_state(sentence: str) -> bool:
+    """Whether a sentence puts the patient «en estado de» something: read in real answers, it was
+    always a label glued to an unrelated noun («El paciente está en estado de cirugía debido a la
+    enfermedad localmente avanzada» for an inoperable case; «…en estado de radioterapia»; «…en
+    estado de cáncer de pulmón no microcítico»), and every word of it was in the prompt."""
+    return bool(_IN_STATE_OF.search(sentence))
 
 
 # «microcítico» not preceded by «no»: the lexical tokens fold «no microcítico» into one term, so a

@@ -7,6 +7,7 @@ from pulmomed_edge.corpus import load_corpus
 from pulmomed_edge.grounding import (
     SentenceGate,
     calls_small_cell,
+    glues_state,
     ground_sections,
     inverts_resistance,
     misstates_stage,
@@ -193,6 +194,12 @@ def test_a_sentence_giving_the_patient_another_stage_is_withheld(sentence, stage
         ("Los clones resistentes son los clones de las células que responden a la radioterapia.", True),
         ("La quimioterapia clásica se utiliza para aumentar el número de células resistentes.", True),
         ("La quimioterapia se utiliza para eliminar células resistentes.", True),
+        # thirteenth round (SEER_006)
+        (
+            "La células resistentes forman el volumen sensible, mientras los clones resistentes "
+            "forman el volumen resistente.",
+            True,
+        ),
         # the passages' own definition, and what a treatment really does
         (
             "El volumen sensible, formado por células que responden al tratamiento, y el volumen "
@@ -244,3 +251,27 @@ def test_a_sentence_of_the_patient_line_alone_is_withheld_one_adding_to_it_is_no
     assert not restates_patient("El estadio IIB se trata con cirugía y quimioterapia adyuvante [1].", patient)
     assert not restates_patient("Es un exfumador cuyo tumor no ha recibido tratamiento.", patient)
     assert not restates_patient("[1].", patient)  # says nothing: dropped elsewhere, not withheld here
+
+
+@pytest.mark.parametrize(
+    ("sentence", "glued"),
+    [
+        # written by the default model (answers read in the thirteenth round)
+        ("El paciente está en estado de cirugía debido a la enfermedad localmente avanzada del CPNM.", True),
+        (
+            "El paciente está en estado de cáncer de pulmón no microcítico (CPNM), que se describe "
+            "con dos poblaciones.",
+            True,
+        ),
+        ("El paciente está en un estado de radioterapia (menos de 30 días).", True),
+        # the patient line's own words, and a general state
+        ("El paciente tiene un estado pulmonar estable.", False),
+        (
+            "Con un estado general malo (ECOG 3–4), el tratamiento se centra en los cuidados paliativos.",
+            False,
+        ),
+    ],
+)
+def test_a_sentence_that_puts_the_patient_in_a_state_of_something_is_withheld(sentence, glued):
+    assert glues_state(sentence) is glued
+    assert unsupported(sentence, support_of([sentence])) is glued
