@@ -15,7 +15,8 @@ misapply them (an adjuvant treatment for a case that does not need it). Two such
 checked on their own: a sentence that puts the patient in a stage other than theirs
 (`misstates_stage`), one that turns the simulator's resistance model around
 (`inverts_resistance`), one that calls the cancer small-cell (`calls_small_cell`), and one that
-puts the patient "en estado de" something (`glues_state`).
+puts the patient "en estado de" something (`glues_state`). A sentence that breaks off on a word
+that cannot end one («…el nervio frénico o.») is withheld too (`breaks_off`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def unsupported(
     patient line (`patient`, its terms; None: not checked; restates_patient)."""
     if misstates_stage(sentence, stage) or inverts_resistance(sentence):
         return True
-    if calls_small_cell(sentence) or glues_state(sentence):
+    if calls_small_cell(sentence) or glues_state(sentence) or breaks_off(sentence):
         return True
     if patient is not None and restates_patient(sentence, patient):
         return True
@@ -179,6 +180,23 @@ def inverts_resistance(sentence: str) -> bool:
 # «en estado de …»: no passage and no patient line says it (the patient line has «estado pulmonar
 # …»); the small model glues the patient to whatever noun follows
 _IN_STATE_OF = re.compile(r"\ben\s+(?:un\s+)?estado\s+de\b", re.IGNORECASE)
+
+
+# words a Spanish sentence cannot end on: conjunctions, prepositions, articles
+# fmt: off
+_DANGLING = frozenset({
+    "o", "u", "y", "e", "ni", "que",
+    "de", "del", "a", "al", "en", "con", "por", "para", "sin", "sobre", "entre", "hasta", "desde",
+    "el", "la", "los", "las", "un", "una", "unos", "unas", "su", "sus",
+})
+# fmt: on
+
+
+def breaks_off(sentence: str) -> bool:
+    """Whether a sentence ends on a word no sentence ends on («…el nervio frénico o.»): the model
+    copied a long passage sentence and stopped inside it, and the period made it look whole."""
+    words = re.findall(r"\w+", _CITATION.sub(" ", sentence).lower())
+    return bool(words) and words[-1] in _DANGLING
 
 
 def glues_state(sentence: str) -> bool:

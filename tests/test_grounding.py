@@ -6,6 +6,7 @@ from pulmomed_edge.config import KNOWLEDGE_DIR
 from pulmomed_edge.corpus import load_corpus
 from pulmomed_edge.grounding import (
     SentenceGate,
+    breaks_off,
     calls_small_cell,
     glues_state,
     ground_sections,
@@ -275,3 +276,23 @@ def test_a_sentence_of_the_patient_line_alone_is_withheld_one_adding_to_it_is_no
 def test_a_sentence_that_puts_the_patient_in_a_state_of_something_is_withheld(sentence, glued):
     assert glues_state(sentence) is glued
     assert unsupported(sentence, support_of([sentence])) is glued
+
+
+@pytest.mark.parametrize(
+    ("sentence", "broken"),
+    [
+        # written by the default model (thirteenth round), copying a passage sentence
+        (
+            "El paciente se encuentra en el IIB (T3), donde hay tumores T3 sin ganglios, que invaden "
+            "la pared torácica, el nervio frénico o.",
+            True,
+        ),
+        ("La quimioterapia se combina con la.", True),
+        ("El tratamiento estándar es la cirugía [1].", False),
+        ("Se decide en un comité multidisciplinar.", False),
+        ("¿Qué significa esto para el paciente?", False),
+    ],
+)
+def test_a_sentence_that_breaks_off_is_withheld(sentence, broken):
+    assert breaks_off(sentence) is broken
+    assert unsupported(sentence, support_of([sentence])) is broken
