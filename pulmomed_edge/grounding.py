@@ -272,6 +272,18 @@ class SentenceGate:
         return [(section, sentence if self._sent[section] == 1 else " " + sentence)]
 
 
+def keeps_a_sentence(
+    text: str, support: frozenset[str], *, stage: str | None = None, patient: frozenset[str] | None = None
+) -> bool:
+    """Whether a section's text has a whole sentence the check would keep (a Phase's `keeps`: the
+    engine lets a section whose every sentence would be withheld write another)."""
+    return any(
+        not says_nothing(s) and not unsupported(s, support, stage=stage, patient=patient)
+        for s in sentences(text)
+        if s.endswith((".", "!", "?"))
+    )
+
+
 @dataclass(frozen=True)
 class Grounded:
     sections: Sections

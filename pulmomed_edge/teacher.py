@@ -37,7 +37,7 @@ from .engine import (
 from .engine.chat import ChatTemplate
 from .engine.scheduler import common_prefix
 from .extractive import extractive_sections
-from .grounding import SentenceGate, ground_sections, support_of
+from .grounding import SentenceGate, ground_sections, keeps_a_sentence, support_of
 from .prompts import (
     ANSWER_GRAMMAR,
     EXPLANATION_GRAMMAR,
@@ -147,6 +147,9 @@ class Flight:
     joined_by: float | None = None  # a backfill a student joined: the deadline it now has
     # every student left a student's generation: it is cancelled, and nobody may join it
     abandoned: bool = False
+    # admission gave it fewer new tokens than configured (a busy engine): an answer whose every
+    # sentence was withheld may then be a matter of length, which a later try in full can beat
+    shortened: bool = False
 
     def promote(self, deadline: float) -> bool:
         """A student joins this flight. A backfill from now on runs as their generation, and wraps
@@ -413,12 +416,14 @@ class TeacherService:
             response = await self._generate(flight)
             flight.result.set_result(response)
             key = flight.prepared.key
-            if cacheable(response.llm_model):
+            if _keeps_in_cache(response.llm_model, flight):
                 self.cache.put(key, response)
                 self._missed.pop(key, None)
                 if flight.backfill:
                     self.backfilled += 1
-            elif response.llm_model in BUSY_KINDS and not flight.abandoned:
+            elif (
+                response.llm_model in BUSY_KINDS or response.llm_model == UNSUPPORTED
+            ) and not flight.abandoned:
                 self._remember_miss(flight)
         except Exception:  # never leave joiners hanging
             log.exception("generation flight failed")
@@ -561,6 +566,7 @@ class TeacherService:
                     )
                     return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
             max_new = min(max_new, max(MIN_ANSWER_TOKENS, affordable))
+            flight.shortened = max_new < self.config.max_new_tokens
             # the engine wraps the answer up before the budget rather than letting it time out
             deadline_s = flight.created + ANSWER_SHARE * budget_s
         events: asyncio.Queue[Any] = asyncio.Queue()
@@ -571,7 +577,9 @@ class TeacherService:
             params=self.config.sampling,
             deadline=deadline_s,
             background=flight.backfill and flight.joined_by is None,
-            **answer_budget(max_new, explanation_only=self.config.recommendation_from_sources),
+            **answer_budget(
+                max_new, explanation_only=self.config.recommendation_from_sources, keeps=self._keeps(prepared)
+            ),
         )
         flight.cancel = task.cancel.set
         flight.task = task
@@ -668,6 +676,15 @@ class TeacherService:
         response = self._response(prepared, grounded.sections, model, _origin(grounded.filled))
         return response.model_copy(update={"frases_retiradas": len(grounded.withheld)})
 
+    def _keeps(self, prepared: Prepared) -> Callable[[str], bool] | None:
+        """The check a section's text must pass before the engine ends it (Phase.keeps): a section
+        whose only sentences would be withheld writes another, so that fewer answers are the
+        summary's (`fallback-unsupported`); None with the grounding check off."""
+        if not self.config.grounding:
+            return None
+        support, stage, patient = prepared.support, prepared.stage, prepared.patient
+        return lambda text: keeps_a_sentence(text, support, stage=stage, patient=patient)
+
     def _extractive(self, prepared: Prepared) -> Sections:
         numbered = [(n, p.texto) for n, p in with_citation_numbers(prepared.passages)]
         return extractive_sections(prepared.state, numbered, prepared.case.estadio if prepared.case else None)
@@ -763,22 +780,43 @@ def cacheable(llm_model: str) -> bool:
     return not llm_model.startswith("fallback-") or llm_model == UNSUPPORTED
 
 
-def answer_budget(max_new_tokens: int, *, explanation_only: bool = False) -> dict[str, Any]:
+def _keeps_in_cache(llm_model: str, flight: Flight) -> bool:
+    """Whether a flight's answer goes into the cache: a cacheable kind, except an answer whose
+    every sentence was withheld when admission had shortened it. In class runs a busy engine's
+    short answer for SEER_006 was one withheld sentence, and the cache then served the summary to
+    every student who asked it (7-12 % of a class's answers); written in full, the same prompt
+    gave a sentence to keep. Such a state is remembered for the backfill instead."""
+    return cacheable(llm_model) and not (llm_model == UNSUPPORTED and flight.shortened)
+
+
+def answer_budget(
+    max_new_tokens: int, *, explanation_only: bool = False, keeps: Callable[[str], bool] | None = None
+) -> dict[str, Any]:
     """Token budgets for the two sections that never add up to more than max_new_tokens.
 
     A section ends at the first sentence end past its soft budget (35 % and 15 % of the total:
     two or three sentences, then one or two, as the system prompt asks); the hard caps (60 % and
-    40 %) leave room to finish the sentence the model is writing. `explanation_only`: the
+    40 %) leave room to finish the sentence the model is writing, or to write another when
+    `keeps` (the grounding check) says none so far would be kept. `explanation_only`: the
     explanation's budget alone (the recommendation comes from the sources)."""
     expl_hard = max_new_tokens * 3 // 5
     if explanation_only:
-        return {"max_new_tokens": expl_hard, "phases": (Phase(max_new_tokens * 7 // 20, expl_hard),)}
+        return {
+            "max_new_tokens": expl_hard,
+            "phases": (Phase(max_new_tokens * 7 // 20, expl_hard, keeps=keeps),),
+        }
     rec_hard = max_new_tokens - expl_hard
     return {
         "max_new_tokens": max_new_tokens,
         "phases": (
-            Phase(max_new_tokens * 7 // 20, expl_hard, marker=SECTION_MARKER, transition=SECTION_MARKER),
-            Phase(max_new_tokens * 3 // 20, rec_hard),
+            Phase(
+                max_new_tokens * 7 // 20,
+                expl_hard,
+                marker=SECTION_MARKER,
+                transition=SECTION_MARKER,
+                keeps=keeps,
+            ),
+            Phase(max_new_tokens * 3 // 20, rec_hard, keeps=keeps),
         ),
     }
 

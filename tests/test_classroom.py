@@ -17,12 +17,13 @@ from conftest import cli_env, generated, health, own_server, read_stream, with_s
 from pulmomed_edge import teacher as teacher_module
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
-from pulmomed_edge.engine.scheduler import STALL_S, common_prefix
+from pulmomed_edge.engine.scheduler import STALL_S, _ends_sentence, common_prefix
 from pulmomed_edge.extractive import sentences
 from pulmomed_edge.grounding import ground_sections, unsupported
 from pulmomed_edge.http.middlewares import RateLimiter
 from pulmomed_edge.prompts import (
     ANSWER_GRAMMAR,
+    EXPLANATION_GRAMMAR,
     EXPLANATION_LABEL,
     SECTION_MARKER,
     SYSTEM_PROMPT,
@@ -783,6 +784,23 @@ async def test_backfill_remembers_newest_states_and_gives_up_after_two_tries(ser
     assert len(service._missed) == teacher_mod.BACKFILL_PENDING_MAX
 
 
+def test_an_answer_withheld_whole_is_cached_only_when_it_was_written_in_full(served, seed):
+    """A busy engine's shortened answer whose only sentence was withheld went into the cache, and
+    every later student asking that state read the summary (`fallback-unsupported`, 7-12 % of a
+    class run). Written in full it is cached as before; shortened, the backfill tries again."""
+    from pulmomed_edge import teacher as teacher_mod
+    from pulmomed_edge.activity import UNSUPPORTED
+    from pulmomed_edge.schema import parse_state
+
+    prepared = served.state.teacher.prepare(parse_state(seed, served.state.teacher.library.ids))
+    full, short = teacher_mod.Flight(prepared), teacher_mod.Flight(prepared, shortened=True)
+    assert teacher_mod._keeps_in_cache(UNSUPPORTED, full)
+    assert not teacher_mod._keeps_in_cache(UNSUPPORTED, short)
+    model = served.state.teacher.llm.name
+    assert teacher_mod._keeps_in_cache(model, short) and teacher_mod._keeps_in_cache(model, full)
+    assert not teacher_mod._keeps_in_cache("fallback-busy", full)
+
+
 async def test_rate_limit_per_headset_is_429_with_retry_after(served, seed):
     state = served.state
     original = state.rate_limiter
@@ -914,6 +932,45 @@ async def test_a_near_deadline_ends_each_section_at_a_sentence_with_both_section
     assert sep and explanation.rstrip().endswith((".", "!", "?"))
     assert recommendation.rstrip().endswith((".", "!", "?"))
     assert hurried.new_tokens < relaxed.new_tokens
+
+
+def test_a_period_after_a_digit_does_not_end_a_section():
+    """«Este caso es un tumor escamoso de 6.» was served: the section ended at the decimal point of
+    "6.2 cm" the model was writing. A section now ends at a sentence end that is not a digit's."""
+    assert _ends_sentence("El estadio I significa un tumor de hasta 4 cm. ")
+    assert _ends_sentence("¿Qué significa?")
+    assert not _ends_sentence("Es un tumor escamoso de 6.")
+    assert not _ends_sentence("La supervivencia fue del 92")
+
+
+async def test_a_section_whose_sentences_would_all_be_withheld_writes_another(served):
+    """Read in a class run: a one-sentence explanation the grounding check withheld made the whole
+    answer the summary's (`fallback-unsupported`). A phase's `keeps` (the check) now lets the
+    section go on past its soft budget, to its hard budget, while it has no sentence to keep."""
+    engine = served.state.engine
+    llm = served.state.teacher.llm
+    await wait_idle(engine)
+    prompt = llm.tokenize(
+        llm.template.render(SYSTEM_PROMPT, "Paciente: 58 años, estadio IA.", EXPLANATION_LABEL)
+    )
+    seen: list[str] = []
+
+    def run(keeps) -> DoneEvent:
+        budget = answer_budget(160, explanation_only=True, keeps=keeps)
+        return _run_tasks(engine, [prompt], grammar=EXPLANATION_GRAMMAR, **budget)[0]
+
+    def never(text: str) -> bool:
+        seen.append(text)
+        return False
+
+    kept = await asyncio.to_thread(run, lambda text: True)
+    refused = await asyncio.to_thread(run, never)
+    (phase,) = answer_budget(160, explanation_only=True)["phases"]
+    if kept.new_tokens >= phase.hard_tokens:  # greedy text differs by CPU: the premise, not the code
+        pytest.skip("the model wrote no sentence end between the soft and the hard budget")
+    # asked at each sentence end past the soft budget, it went on to the hard budget
+    assert seen and all(text.rstrip().endswith((".", "!", "?")) for text in seen)
+    assert refused.new_tokens >= phase.hard_tokens > kept.new_tokens
 
 
 def test_baseline_without_repacking_loads_its_weights_like_our_engine(settings):

@@ -11,6 +11,7 @@ from pulmomed_edge.grounding import (
     glues_state,
     ground_sections,
     inverts_resistance,
+    keeps_a_sentence,
     misstates_stage,
     novel_terms,
     restates_patient,
@@ -296,3 +297,16 @@ def test_a_sentence_that_puts_the_patient_in_a_state_of_something_is_withheld(se
 def test_a_sentence_that_breaks_off_is_withheld(sentence, broken):
     assert breaks_off(sentence) is broken
     assert unsupported(sentence, support_of([sentence])) is broken
+
+
+def test_a_section_keeps_a_sentence_only_when_one_whole_sentence_passes_the_check():
+    """Phase.keeps: the engine lets a section go on while this is False."""
+    support = support_of(
+        ["El estadio I significa un tumor de hasta 4 cm, sin ganglios afectados ni metástasis."]
+    )
+    good = "El estadio I significa un tumor de hasta 4 cm."
+    glued = "El paciente está en estado de cirugía."
+    assert not keeps_a_sentence(glued, support)
+    assert keeps_a_sentence(f"{glued} {good}", support)
+    assert not keeps_a_sentence(f"{glued} El estadio I significa un tumor", support)  # unfinished
+    assert not keeps_a_sentence("", support)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -33,6 +34,18 @@ from .sampling import GrammarRejected, SamplingParams, SequenceSampler
 log = logging.getLogger(__name__)
 
 SENTENCE_END = (".", "!", "?")
+# a period right after a digit may be a decimal point the model writes next to ("6.2 cm")
+_AFTER_DIGIT = re.compile(r"\d\.$")
+
+
+def _ends_sentence(text: str) -> bool:
+    """Whether the text ends a sentence where the engine may end a section: not at a period right
+    after a digit, which may be a decimal point («un tumor escamoso de 6.» was served: the section
+    ended as the model wrote "6.2"); the section then ends at the next sentence end."""
+    text = text.rstrip()
+    return text.endswith(SENTENCE_END) and not _AFTER_DIGIT.search(text)
+
+
 WORKER_NICE = 5  # see _yield_to_the_event_loop
 # a pass of the worker's loop (admission and one step, well under 2 s even with the 3B model)
 # running this long means the engine is stuck: health says so, and students get the summary at once
@@ -53,12 +66,17 @@ class Phase:
 
     When the model writes `marker` itself, the next phase starts. When the phase reaches
     `soft_tokens` at the end of a sentence, or `hard_tokens` anywhere, the engine writes
-    `transition` for it (the last phase simply ends)."""
+    `transition` for it (the last phase simply ends). `keeps`, given the section's text so far,
+    says whether it has a sentence the answer will keep (the grounding check): while it has none,
+    the section goes on past `soft_tokens` and the model may not end it, up to `hard_tokens`,
+    unless time presses. It is asked at each sentence end, on the engine's thread, so it must be a
+    quick pure function."""
 
     soft_tokens: int
     hard_tokens: int
     marker: str = ""
     transition: str = ""
+    keeps: Callable[[str], bool] | None = None
 
 
 @dataclass
@@ -153,6 +171,7 @@ class _Slot:
     phase: int = 0
     phase_start_tokens: int = 0
     phase_start_chars: int = 0
+    section_kept: bool = False  # the section has a sentence its phase's `keeps` accepts
     reused: int = 0
     started: float = 0.0
     first_token: float | None = None
@@ -259,6 +278,8 @@ class GenerationEngine:
         # section has MIN_SECTION_TOKENS, so the small model cannot answer "El." and move on
         newline_tokens = [t for t in range(runtime.n_vocab) if b"\n" in runtime.piece(t)]
         self._no_new_line = dict.fromkeys(newline_tokens, -30.0)
+        # end-of-generation tokens: held back while a section has nothing to keep (Phase.keeps)
+        self._no_end = dict.fromkeys((t for t in range(runtime.n_vocab) if runtime.is_eog(t)), -30.0)
         self.failure: str | None = None
         self.stall_after_s = STALL_S
         self._pass_started: float | None = None  # when the worker's current pass began (None: waiting)
@@ -613,6 +634,7 @@ class GenerationEngine:
         dst.phase = 0
         dst.phase_start_tokens = 0
         dst.phase_start_chars = 0
+        dst.section_kept = False
         dst.reused = reuse
         dst.started = time.monotonic()
         dst.first_token = None
@@ -820,14 +842,19 @@ class GenerationEngine:
             return None
         phase = task.phases[slot.phase]
         used = slot.new_tokens - slot.phase_start_tokens
+        pressed = self._pressed(slot)
+        # a section with nothing a student will read yet does not end by the model's choice: it
+        # writes another sentence (up to its hard budget, unless time presses)
+        hold_end = phase.keeps is not None and not slot.section_kept and not pressed
         if used < MIN_SECTION_TOKENS:
-            return self._no_new_line
+            return {**self._no_new_line, **self._no_end} if hold_end else self._no_new_line
         over = used - phase.soft_tokens
-        if self._pressed(slot):
+        if pressed:
             over = max(over, 4)
-        if over < 0:
-            return None
-        return {t: min(8.0, 1.0 + 0.5 * over) for t in self._period_tokens}
+        bias = {t: min(8.0, 1.0 + 0.5 * over) for t in self._period_tokens} if over >= 0 else {}
+        if hold_end:
+            bias.update(self._no_end)
+        return bias or None
 
     def _advance_phase(self, slot: _Slot) -> None:
         task = slot.task
@@ -840,7 +867,7 @@ class GenerationEngine:
             self._enter_next_phase(slot)
             return
         used = slot.new_tokens - slot.phase_start_tokens
-        at_sentence_end = slot.text.rstrip().endswith(SENTENCE_END)
+        at_sentence_end = _ends_sentence(slot.text)
         section = slot.text[slot.phase_start_chars :]
         overdue = self._tokens_left(slot) <= (0 if last else RECOMMENDATION_RESERVE)
         if overdue and _has_sentence(section) and not at_sentence_end:
@@ -851,7 +878,14 @@ class GenerationEngine:
             elif self._force(slot, phase.transition):
                 self._enter_next_phase(slot)
             return
-        wrap_up = used >= phase.soft_tokens or self._pressed(slot)
+        pressed = self._pressed(slot)
+        if at_sentence_end and phase.keeps is not None and not slot.section_kept:
+            slot.section_kept = phase.keeps(section)
+        wrap_up = used >= phase.soft_tokens or pressed
+        if wrap_up and at_sentence_end and not pressed and phase.keeps is not None:
+            # nothing in the section a student will read yet (every sentence would be withheld):
+            # another sentence, within the hard budget, rather than an answer left to the summary
+            wrap_up = slot.section_kept
         if (wrap_up and at_sentence_end) or used >= phase.hard_tokens:
             if last:
                 self._finish(slot, "stop" if at_sentence_end else "length")
@@ -868,6 +902,7 @@ class GenerationEngine:
         slot.phase = min(slot.phase + 1, len(slot.task.phases) - 1) if slot.task else 0
         slot.phase_start_tokens = slot.new_tokens
         slot.phase_start_chars = len(slot.text)
+        slot.section_kept = False
 
     def _force(self, slot: _Slot, text: str) -> bool:
         """Write text for the model (checked against its grammar); it is decoded next step."""
