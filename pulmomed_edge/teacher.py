@@ -796,9 +796,12 @@ def answer_budget(
 
     A section ends at the first sentence end past its soft budget (35 % and 15 % of the total:
     two or three sentences, then one or two, as the system prompt asks); the hard caps (60 % and
-    40 %) leave room to finish the sentence the model is writing, or to write another when
-    `keeps` (the grounding check) says none so far would be kept. `explanation_only`: the
-    explanation's budget alone (the recommendation comes from the sources)."""
+    40 %) leave room to finish the sentence the model is writing, or, in the explanation, to
+    write another when `keeps` (the grounding check) says none so far would be kept (an answer
+    with no kept sentence at all is the summary's, `fallback-unsupported`; one kept sentence of
+    the explanation is enough to avoid that, so the recommendation is not held: holding both
+    made a 16-slot burst's slowest answer 4-9 s later). `explanation_only`: the explanation's
+    budget alone (the recommendation comes from the sources)."""
     expl_hard = max_new_tokens * 3 // 5
     if explanation_only:
         return {
@@ -816,7 +819,7 @@ def answer_budget(
                 transition=SECTION_MARKER,
                 keeps=keeps,
             ),
-            Phase(max_new_tokens * 3 // 20, rec_hard, keeps=keeps),
+            Phase(max_new_tokens * 3 // 20, rec_hard),
         ),
     }
 
