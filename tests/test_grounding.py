@@ -189,9 +189,10 @@ def test_a_sentence_giving_the_patient_another_stage_is_withheld(sentence, stage
     assert grounded.kept == (0 if misstated else 2)
 
 
-@pytest.mark.parametrize(
-    ("sentence", "inverted"),
-    [
+# Sentences the default model wrote that the term check let through, each caught by its own
+# rule, beside sentences the rule must leave alone (often the passages' own)
+CAUGHT_BY_RULE = {
+    inverts_resistance: [
         # written by the default model (answer review, tenth round)
         ("Los clones resistentes son los clones de las células que responden a la radioterapia.", True),
         ("La quimioterapia clásica se utiliza para aumentar el número de células resistentes.", True),
@@ -212,15 +213,7 @@ def test_a_sentence_giving_the_patient_another_stage_is_withheld(sentence, stage
         ("Se da para eliminar las células sensibles; las resistentes sobreviven.", False),
         ("Las células sensibles responden al tratamiento.", False),
     ],
-)
-def test_a_sentence_that_turns_resistance_around_is_withheld(sentence, inverted):
-    assert inverts_resistance(sentence) is inverted
-    assert unsupported(sentence, support_of([sentence])) is inverted
-
-
-@pytest.mark.parametrize(
-    ("sentence", "small_cell"),
-    [
+    calls_small_cell: [
         # written by the default model (tests/data/grounding_sentences.jsonl)
         (
             "Se considera que el tumor es microcítico debido a la mutación de EGFR en estadio IIIA.",
@@ -234,30 +227,7 @@ def test_a_sentence_that_turns_resistance_around_is_withheld(sentence, inverted)
         ("Los tumores no  microcíticos se tratan según su estadio.", False),
         ("El paciente tiene un cáncer de pulmón no microcítico en estadio IIA.", False),
     ],
-)
-def test_a_sentence_that_calls_the_cancer_small_cell_is_withheld(sentence, small_cell):
-    assert calls_small_cell(sentence) is small_cell
-    assert unsupported(sentence, support_of([sentence])) is small_cell
-
-
-def test_a_sentence_of_the_patient_line_alone_is_withheld_one_adding_to_it_is_not():
-    """The default model strung the patient's labels together as explanation (5 of 43 sentences
-    read); a sentence that says something of its own about the patient is kept."""
-    patient = support_of(["Paciente: estadio aproximado IIB (T3); sin tratamiento activo; "
-                          "sin células resistentes; edad 60-69 años; exfumador, 20-39 paquetes-año; "
-                          "estado pulmonar crítico."])  # fmt: skip
-    assert restates_patient(
-        "El paciente está en estado pulmonar crítico, ya que su edad es 60-69 años.", patient
-    )
-    assert restates_patient("El paciente está aproximado a la edad 60-69 años, con un exfumador.", patient)
-    assert not restates_patient("El estadio IIB se trata con cirugía y quimioterapia adyuvante [1].", patient)
-    assert not restates_patient("Es un exfumador cuyo tumor no ha recibido tratamiento.", patient)
-    assert not restates_patient("[1].", patient)  # says nothing: dropped elsewhere, not withheld here
-
-
-@pytest.mark.parametrize(
-    ("sentence", "glued"),
-    [
+    glues_state: [
         # written by the default model (answers read in the thirteenth round)
         ("El paciente está en estado de cirugía debido a la enfermedad localmente avanzada del CPNM.", True),
         (
@@ -273,15 +243,7 @@ def test_a_sentence_of_the_patient_line_alone_is_withheld_one_adding_to_it_is_no
             False,
         ),
     ],
-)
-def test_a_sentence_that_puts_the_patient_in_a_state_of_something_is_withheld(sentence, glued):
-    assert glues_state(sentence) is glued
-    assert unsupported(sentence, support_of([sentence])) is glued
-
-
-@pytest.mark.parametrize(
-    ("sentence", "broken"),
-    [
+    breaks_off: [
         # written by the default model (thirteenth round), copying a passage sentence
         (
             "El paciente se encuentra en el IIB (T3), donde hay tumores T3 sin ganglios, que invaden "
@@ -293,10 +255,31 @@ def test_a_sentence_that_puts_the_patient_in_a_state_of_something_is_withheld(se
         ("Se decide en un comité multidisciplinar.", False),
         ("¿Qué significa esto para el paciente?", False),
     ],
+}
+
+
+@pytest.mark.parametrize(
+    ("rule", "sentence", "caught"),
+    [(rule, sentence, caught) for rule, cases in CAUGHT_BY_RULE.items() for sentence, caught in cases],
 )
-def test_a_sentence_that_breaks_off_is_withheld(sentence, broken):
-    assert breaks_off(sentence) is broken
-    assert unsupported(sentence, support_of([sentence])) is broken
+def test_a_sentence_a_rule_catches_is_withheld(rule, sentence, caught):
+    assert rule(sentence) is caught
+    assert unsupported(sentence, support_of([sentence])) is caught
+
+
+def test_a_sentence_of_the_patient_line_alone_is_withheld_one_adding_to_it_is_not():
+    """The default model strung the patient's labels together as explanation (5 of 43 sentences
+    read); a sentence that says something of its own about the patient is kept."""
+    patient = support_of(["Paciente: estadio aproximado IIB (T3); sin tratamiento activo; "
+                          "sin células resistentes; edad 60-69 años; exfumador, 20-39 paquetes-año; "
+                          "estado pulmonar crítico."])  # fmt: skip
+    assert restates_patient(
+        "El paciente está en estado pulmonar crítico, ya que su edad es 60-69 años.", patient
+    )
+    assert restates_patient("El paciente está aproximado a la edad 60-69 años, con un exfumador.", patient)
+    assert not restates_patient("El estadio IIB se trata con cirugía y quimioterapia adyuvante [1].", patient)
+    assert not restates_patient("Es un exfumador cuyo tumor no ha recibido tratamiento.", patient)
+    assert not restates_patient("[1].", patient)  # says nothing: dropped elsewhere, not withheld here
 
 
 def test_a_section_keeps_a_sentence_only_when_one_whole_sentence_passes_the_check():
