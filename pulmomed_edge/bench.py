@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .activity import UNSUPPORTED
 from .bench_args import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_SLOTS,
@@ -319,6 +320,9 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 3)
 
 
+CONTENT_FALLBACKS = (UNSUPPORTED, "fallback-no-grounding")
+
+
 def summarize(
     outcomes: list[Outcome], wall_s: float, new_tokens: int | None, generations: int | None
 ) -> dict[str, Any]:
@@ -330,6 +334,9 @@ def summarize(
     for o in ok:
         by_model[o.llm_model] = by_model.get(o.llm_model, 0) + 1
     fallbacks = sum(v for k, v in by_model.items() if k.startswith("fallback-"))
+    # of them, the ones the content decided (the grounding check withheld every sentence the model
+    # wrote, or no passage covers the state), not the load: a class target on fallbacks reads both
+    content = sum(v for k, v in by_model.items() if k in CONTENT_FALLBACKS)
     return {
         "requests": len(outcomes),
         "ok": len(ok),
@@ -340,6 +347,7 @@ def summarize(
         "trimmed_answers": sum(bool(o.answer and o.answer.get("frases_retiradas")) for o in ok),
         "by_llm_model": by_model,
         "fallback_rate": round(fallbacks / len(ok), 4) if ok else None,
+        "content_fallback_rate": round(content / len(ok), 4) if ok else None,
         "cache_hits": sum(o.cache == "hit" for o in ok),
         "shared": sum(o.cache == "shared" for o in ok),
         "generations": generations,
@@ -645,6 +653,7 @@ TABLE_ROWS = [
     ("cut answers", ("cut_answers",)),
     ("trimmed answers", ("trimmed_answers",)),
     ("fallback rate", ("fallback_rate",)),
+    ("  of which content", ("content_fallback_rate",)),
     ("generations", ("generations",)),
     ("backfill started", ("backfill_started",)),
     ("backfill answered", ("backfill_answered",)),

@@ -15,6 +15,7 @@ import pytest
 from conftest import cli_env, generated, health, own_server, read_stream, with_settings
 
 from pulmomed_edge import teacher as teacher_module
+from pulmomed_edge.bench import CONTENT_FALLBACKS
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
 from pulmomed_edge.engine.scheduler import STALL_S, _ends_sentence, common_prefix
@@ -847,6 +848,10 @@ def test_bench_short_mode_completes_and_reports(settings, tmp_path):
             assert text.strip() in row["answer"][section]
     assert "asked again" in proc.stdout
     assert {"backfill_started", "backfill_answered", "trimmed_answers", "busy"} <= ours.keys()
+    # fallbacks the content decided are reported apart from those of the load, and among them
+    content = sum(n for kind, n in ours["by_llm_model"].items() if kind in CONTENT_FALLBACKS)
+    assert ours["content_fallback_rate"] == round(content / ours["ok"], 4) <= ours["fallback_rate"]
+    assert "of which content" in proc.stdout
     assert {
         "ttft_s",
         "e2e_s",
