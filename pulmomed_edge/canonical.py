@@ -175,6 +175,11 @@ CURATIVE_QUERY = (
 )
 RADIOTHERAPY_FOLLOW_UP_QUERY = "seguimiento con TC de tórax tras radioterapia con intención curativa (SBRT)"
 RESPONSE_QUERY = "estadio IV en tratamiento sin progresión: mantenerlo y evaluar la respuesta con RECIST 1.1"
+NEXT_STEP_QUERIES = {
+    "curative": CURATIVE_QUERY,
+    "radiotherapy": RADIOTHERAPY_FOLLOW_UP_QUERY,
+    "advanced": RESPONSE_QUERY,
+}
 _MANY_RESISTANT = ("10-30 %", "más del 30 %")
 
 
@@ -193,7 +198,7 @@ def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
     tokens but led the 0.5B model to open with the simulator's two-population passage)."""
     # a library case's own stage: the passage of the stage its volumes suggest would contradict it
     stage = patient_stage(c, case)
-    stage_roman = stage.split(" ")[0].rstrip("+")
+    stage_roman = _stage_label(stage)
     queries: list[str] = []
     if case is not None:
         queries.append(f"caso de biblioteca {case.caso_id} {case.titulo}")
@@ -206,21 +211,26 @@ def retrieval_queries(c: CanonicalState, case: LibraryCase | None) -> list[str]:
     if progressing_on_treatment(c):
         # what comes next, then why it grows (the resistant clones), then the treatment's side effects
         queries += [PROGRESSION_QUERY, *resistance, *treatment, *smoking]
-    elif (next_step := next_step_query(c, stage)) is not None:
+    elif (step := next_step(c, stage)) is not None:
         # what comes next; a smoker's quitting before the treatment's side effects, so that it
         # stays among the few passages
         if c.smoking == "fumador":
-            queries += [next_step, *smoking, *treatment, *resistance]
+            queries += [NEXT_STEP_QUERIES[step], *smoking, *treatment, *resistance]
         else:
-            queries += [next_step, *treatment, *resistance, *smoking]
+            queries += [NEXT_STEP_QUERIES[step], *treatment, *resistance, *smoking]
     else:
         queries += [*treatment, *resistance, *smoking]
     return queries
 
 
+def _stage_label(stage: str) -> str:
+    """The stage itself of a stage label: "IIIA+ (T4 o avanzado)" → "IIIA"."""
+    return stage.split(" ")[0].rstrip("+")
+
+
 def stage_group(stage: str) -> str:
     """ "I", "II", "III" or "IV" of a stage label ("IIA (T2b)", "IIIA+ (T4 o avanzado)", "IVA")."""
-    roman = stage.split(" ")[0].rstrip("+")
+    roman = _stage_label(stage)
     return "IV" if roman.startswith("IV") else roman.rstrip("ABC")
 
 
@@ -230,15 +240,18 @@ def responding_to_treatment(c: CanonicalState) -> bool:
     return c.treatment != "ninguno" and c.lung_state not in ("progresando", *DYING)
 
 
-def next_step_query(c: CanonicalState, stage: str) -> str | None:
-    """The query for what comes next for a patient responding to treatment at `stage` (None when
-    not on treatment, or in stage III, whose stage passage names it)."""
+def next_step(c: CanonicalState, stage: str) -> str | None:
+    """What comes next for a patient responding to treatment at `stage`: "curative" (stage I-II,
+    complete the plan), "radiotherapy" (stage I-II, CT follow-up after it) or "advanced" (stage
+    IV, keep it and assess the response); None when not on treatment, or in stage III, whose
+    stage passage names it. Retrieval (NEXT_STEP_QUERIES) and the summary's recommendation
+    (extractive._NEXT_STEP) both follow it."""
     if not responding_to_treatment(c):
         return None
     group = stage_group(stage)
     if group in ("I", "II"):
-        return RADIOTHERAPY_FOLLOW_UP_QUERY if c.treatment == "radio" else CURATIVE_QUERY
-    return RESPONSE_QUERY if group == "IV" else None
+        return "radiotherapy" if c.treatment == "radio" else "curative"
+    return "advanced" if group == "IV" else None
 
 
 def progressing_on_treatment(c: CanonicalState) -> bool:

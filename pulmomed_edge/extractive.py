@@ -12,8 +12,8 @@ import re
 from .canonical import (
     DYING,
     CanonicalState,
+    next_step,
     progressing_on_treatment,
-    responding_to_treatment,
     smoking_phrase,
     stage_group,
     treatment_phrase,
@@ -140,14 +140,11 @@ def _focus(state: CanonicalState, stage: str) -> tuple[re.Pattern[str] | None, b
     stage III the stage's standard names what follows (consolidation after chemoradiotherapy)."""
     if state.lung_state in DYING:
         return _PALLIATIVE, True
-    group = stage_group(stage)
     if progressing_on_treatment(state):
-        return (_SECOND_LINE[state.treatment == "inmuno"] if group in ("III", "IV") else _REEVALUATION), True
-    if responding_to_treatment(state) and group != "III":
-        if group == "IV":
-            return _NEXT_STEP["advanced"], False
-        return _NEXT_STEP["radiotherapy" if state.treatment == "radio" else "curative"], False
-    return None, False
+        advanced = stage_group(stage) in ("III", "IV")
+        return (_SECOND_LINE[state.treatment == "inmuno"] if advanced else _REEVALUATION), True
+    step = next_step(state, stage)
+    return (_NEXT_STEP[step] if step else None), False
 
 
 def _recommendation_sentence(
