@@ -46,6 +46,12 @@ def _ends_sentence(text: str) -> bool:
     return text.endswith(SENTENCE_END) and not _AFTER_DIGIT.search(text)
 
 
+def _held(phase: Phase, slot: _Slot, pressed: bool) -> bool:
+    """Whether the section goes on past its soft budget, and the model may not end it: its phase
+    checks what it keeps (`Phase.keeps`), nothing so far would be kept, and time does not press."""
+    return phase.keeps is not None and not slot.section_kept and not pressed
+
+
 WORKER_NICE = 5  # see _yield_to_the_event_loop
 # a pass of the worker's loop (admission and one step, well under 2 s even with the 3B model)
 # running this long means the engine is stuck: health says so, and students get the summary at once
@@ -843,9 +849,8 @@ class GenerationEngine:
         phase = task.phases[slot.phase]
         used = slot.new_tokens - slot.phase_start_tokens
         pressed = self._pressed(slot)
-        # a section with nothing a student will read yet does not end by the model's choice: it
-        # writes another sentence (up to its hard budget, unless time presses)
-        hold_end = phase.keeps is not None and not slot.section_kept and not pressed
+        # a section with nothing a student will read yet does not end by the model's choice
+        hold_end = _held(phase, slot, pressed)
         if used < MIN_SECTION_TOKENS:
             return {**self._no_new_line, **self._no_end} if hold_end else self._no_new_line
         over = used - phase.soft_tokens
@@ -881,11 +886,9 @@ class GenerationEngine:
         pressed = self._pressed(slot)
         if at_sentence_end and phase.keeps is not None and not slot.section_kept:
             slot.section_kept = phase.keeps(section)
-        wrap_up = used >= phase.soft_tokens or pressed
-        if wrap_up and at_sentence_end and not pressed and phase.keeps is not None:
-            # nothing in the section a student will read yet (every sentence would be withheld):
-            # another sentence, within the hard budget, rather than an answer left to the summary
-            wrap_up = slot.section_kept
+        # nothing in the section a student will read yet (every sentence would be withheld):
+        # another sentence, within the hard budget, rather than an answer left to the summary
+        wrap_up = (used >= phase.soft_tokens and not _held(phase, slot, pressed)) or pressed
         if (wrap_up and at_sentence_end) or used >= phase.hard_tokens:
             if last:
                 self._finish(slot, "stop" if at_sentence_end else "length")
