@@ -152,14 +152,14 @@ def misstates_stage(sentence: str, stage: str | None) -> bool:
 # resistant cells said to respond (the very thing they do not do), unless denied
 _RESPONDING = re.compile(r"\bresistentes?\b.*\brespond|\brespond.*\bresistentes?\b", re.IGNORECASE)
 _DENIED = re.compile(r"\b(?:no|ni|sin|nunca|apenas)\b", re.IGNORECASE)
-# a treatment given to raise or remove the resistant clones (it removes the sensitive ones; the
-# resistant ones are what survives it)
 # the two populations swapped: «La células resistentes forman el volumen sensible»
 _SWAPPED_POPULATIONS = re.compile(
     r"\bresistentes?\s+(?:forman|constituyen|componen)\s+el\s+volumen\s+sensible\b"
     r"|\bsensibles?\s+(?:forman|constituyen|componen)\s+el\s+volumen\s+resistente\b",
     re.IGNORECASE,
 )
+# a treatment given to raise or remove the resistant clones (it removes the sensitive ones; the
+# resistant ones are what survives it)
 _AIMED_AT_RESISTANCE = re.compile(
     r"\bpara\s+(?:aumentar|eliminar|destruir)\s+(?:el\s+número\s+de\s+|las\s+|los\s+)?"
     r"(?:células|clones)\s+resistentes\b",
@@ -265,11 +265,18 @@ class SentenceGate:
 
     def _release(self, section: str, sentence: str) -> list[tuple[str, str]]:
         sentence = " ".join(sentence.split())
-        withheld = unsupported(sentence, self.support, stage=self.stage, patient=self.patient)
-        if says_nothing(sentence) or withheld:
+        if not is_kept(sentence, self.support, stage=self.stage, patient=self.patient):
             return []
         self._sent[section] += 1
         return [(section, sentence if self._sent[section] == 1 else " " + sentence)]
+
+
+def is_kept(
+    sentence: str, support: frozenset[str], *, stage: str | None = None, patient: frozenset[str] | None = None
+) -> bool:
+    """Whether a sentence reaches the student: it says something, and the check does not withhold
+    it (the sentence stream and a Phase's `keeps` ask this; ground_sections tells the two apart)."""
+    return not says_nothing(sentence) and not unsupported(sentence, support, stage=stage, patient=patient)
 
 
 def keeps_a_sentence(
@@ -278,7 +285,7 @@ def keeps_a_sentence(
     """Whether a section's text has a whole sentence the check would keep (a Phase's `keeps`: the
     engine lets a section whose every sentence would be withheld write another)."""
     return any(
-        not says_nothing(s) and not unsupported(s, support, stage=stage, patient=patient)
+        is_kept(s, support, stage=stage, patient=patient)
         for s in sentences(text)
         if s.endswith((".", "!", "?"))
     )
