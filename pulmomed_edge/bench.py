@@ -397,7 +397,9 @@ async def run_load(
         eng_a.get("generations", 0) - eng_b.get("generations", 0),
     )
     summary["server_rss_mb"] = rss_mb
-    for counter in ("prompt_tokens", "reused_tokens", "decode_steps"):
+    # rewound_sentences: sentences the grounding check rejected as the model wrote them, taken
+    # back and written again (engine/scheduler.py, Phase.keeps)
+    for counter in ("prompt_tokens", "reused_tokens", "decode_steps", "rewound_sentences"):
         summary[counter] = eng_a.get(counter, 0) - eng_b.get(counter, 0)
     summary["model"] = after.get("components", {}).get("llm", {}).get("model")
     # background generations for states that got a busy fallback, started while no student waited
@@ -652,6 +654,7 @@ TABLE_ROWS = [
     ("errors", ("errors",)),
     ("cut answers", ("cut_answers",)),
     ("trimmed answers", ("trimmed_answers",)),
+    ("sentences taken back", ("rewound_sentences",)),
     ("fallback rate", ("fallback_rate",)),
     ("  of which content", ("content_fallback_rate",)),
     ("generations", ("generations",)),

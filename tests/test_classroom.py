@@ -18,7 +18,8 @@ from pulmomed_edge import teacher as teacher_module
 from pulmomed_edge.bench import CONTENT_FALLBACKS
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
-from pulmomed_edge.engine.scheduler import STALL_S, _ends_sentence, common_prefix
+from pulmomed_edge.engine.sampling import SequenceSampler
+from pulmomed_edge.engine.scheduler import REWINDS_PER_ANSWER, STALL_S, _ends_sentence, _Slot, common_prefix
 from pulmomed_edge.extractive import sentences
 from pulmomed_edge.grounding import ground_sections, unsupported
 from pulmomed_edge.http.middlewares import RateLimiter
@@ -127,7 +128,7 @@ async def test_word_by_word_streaming_when_asked_and_done_drops_what_the_check_w
         "\n".join(["", streamed["explicacion"], "Recomendación: " + streamed["recomendacion"]])
     )
     assert raw is not None
-    grounded = ground_sections(raw, support, fallback)
+    grounded = ground_sections(raw, support, fallback, stage=prepared.stage, patient=prepared.patient)
     assert (done["explicacion"], done["recomendacion"]) == (
         grounded.sections.explicacion,
         grounded.sections.recomendacion,
@@ -976,6 +977,77 @@ async def test_a_section_whose_sentences_would_all_be_withheld_writes_another(se
     # asked at each sentence end past the soft budget, it went on to the hard budget
     assert seen and all(text.rstrip().endswith((".", "!", "?")) for text in seen)
     assert refused.new_tokens >= phase.hard_tokens > kept.new_tokens
+
+
+async def test_a_rejected_sentence_is_taken_back_and_written_again_otherwise(served):
+    """Read in class runs: the small model's first sentence was often wrong the same way («El
+    paciente está en estado de cirugía…») and its next sentence built on it. A sentence the
+    phase's `keeps` rejects is now taken back: its cells are dropped, the grammar returns to where
+    the sentence began, and the next try may not make its least likely choice. Here `keeps` rejects
+    the first two sentences the model writes, each once: the answer's text has them, each
+    followed by a try that starts otherwise, and the cache holds what the engine's books say."""
+    engine = served.state.engine
+    llm = served.state.teacher.llm
+    await wait_idle(engine)
+    prompt = llm.tokenize(
+        llm.template.render(SYSTEM_PROMPT, "Paciente: 58 años, estadio IA.", EXPLANATION_LABEL)
+    )
+    rejected: list[str] = []
+
+    def keeps(text: str) -> bool:
+        # the newest sentence alone is asked first, then the section: reject two new sentences
+        if len(rejected) < REWINDS_PER_ANSWER and len(sentences(text)) == 1 and text.strip() not in rejected:
+            rejected.append(text.strip())
+            return False
+        return True
+
+    before = engine.stats()["rewound_sentences"]
+    budget = answer_budget(160, explanation_only=True, keeps=keeps)
+    (event,) = await asyncio.to_thread(_run_tasks, engine, [prompt], grammar=EXPLANATION_GRAMMAR, **budget)
+    if not rejected:  # greedy text differs by CPU: the premise, not the code
+        pytest.skip("the model wrote no sentence end within its budget")
+    assert engine.stats()["rewound_sentences"] - before == len(rejected)
+    written = sentences(event.text)
+    for sentence in rejected:
+        i = written.index(sentence)
+        assert i + 1 < len(written) or event.new_tokens >= budget["max_new_tokens"]
+        if i + 1 < len(written):  # the next try did not make the same sentence again
+            assert written[i + 1] != sentence
+    await wait_idle(engine)
+    assert engine.memory_mismatches() == []
+
+
+def test_a_sampler_rewinds_its_grammar_to_the_checkpoint(served):
+    """Taking a sentence back returns the grammar to where it began: at the answer's start the
+    explanation must open with a space (EXPLANATION_GRAMMAR), inside the line it need not."""
+    rt = served.state.engine.rt  # the grammar reads the vocabulary only, never the context
+    sampler = SequenceSampler(rt, EXPLANATION_GRAMMAR, SamplingParams())
+    try:
+        bare = rt.tokenize("El", special=False)
+        sampler.checkpoint()
+        assert not sampler.allows_all(bare)
+        for token in rt.tokenize(" El paciente", special=False):
+            sampler.accept(token)
+        assert sampler.allows_all(bare)
+        sampler.rewind()
+        assert not sampler.allows_all(bare)
+        assert sampler.allows_all(rt.tokenize(" El", special=False))
+        assert sampler.recent == []  # the repetition penalty forgets the try taken back
+    finally:
+        sampler.close()
+
+
+def test_a_try_taken_back_bars_its_least_likely_choice_where_the_next_try_comes_the_same_way():
+    """Barring the rejected sentence's first token made most tries a sentence about nothing
+    («Algunos datos del paciente son…»); the choice where sampling took its chance is barred
+    instead, and only once the next try has written the same tokens before it."""
+    slot = _Slot(seq=0)
+    slot.barred = [([5, 6], 7), ([], 9)]
+    assert GenerationEngine._barred(slot) == {9: float("-inf")}
+    slot.since_mark = [(5, 0.9), (6, 0.8)]
+    assert GenerationEngine._barred(slot) == {7: float("-inf")}
+    slot.since_mark = [(5, 0.9), (8, 0.3)]
+    assert GenerationEngine._barred(slot) == {}
 
 
 def test_baseline_without_repacking_loads_its_weights_like_our_engine(settings):

@@ -39,6 +39,9 @@ class SequenceSampler:
         self.rng = np.random.default_rng(params.seed)
         self.recent: list[int] = []
         self.grammar = None
+        self._checkpoint = None  # a copy of the grammar's state (checkpoint / rewind)
+        self._recent_at_checkpoint: list[int] = []
+        self.last_p = 1.0  # the probability the last sample was chosen with
         if grammar:
             self.grammar = runtime.lib.llama_sampler_init_grammar(
                 runtime.vocab, grammar.encode("utf-8"), b"root"
@@ -47,9 +50,30 @@ class SequenceSampler:
                 raise ValueError("llama.cpp rejected the answer grammar")
 
     def close(self) -> None:
-        if self.grammar:
-            self.rt.lib.llama_sampler_free(self.grammar)
-            self.grammar = None
+        for sampler in (self.grammar, self._checkpoint):
+            if sampler:
+                self.rt.lib.llama_sampler_free(sampler)
+        self.grammar = self._checkpoint = None
+
+    def checkpoint(self) -> None:
+        """Remember the state here (the grammar's, and the recent tokens the repetition penalty
+        reads): rewind() returns to it when the engine takes a sentence back."""
+        self._recent_at_checkpoint = list(self.recent)
+        if self.grammar is None:
+            return
+        lib = self.rt.lib
+        if self._checkpoint:
+            lib.llama_sampler_free(self._checkpoint)
+        self._checkpoint = lib.llama_sampler_clone(self.grammar)
+
+    def rewind(self) -> None:
+        """The state back to the last checkpoint."""
+        self.recent = list(self._recent_at_checkpoint)
+        if self.grammar is None or not self._checkpoint:
+            return
+        lib = self.rt.lib
+        lib.llama_sampler_free(self.grammar)
+        self.grammar = lib.llama_sampler_clone(self._checkpoint)
 
     # --- grammar --------------------------------------------------------------------------
     def _grammar_filter(self, ids: np.ndarray, logits: np.ndarray, grammar: object = None) -> np.ndarray:
@@ -122,7 +146,9 @@ class SequenceSampler:
         finite = np.isfinite(vals)
         ids, vals = ids[finite], vals[finite]
         if self.params.temperature <= 0:
-            return int(ids[np.argmax(vals)])
+            best = int(np.argmax(vals))
+            self.last_p = float(1.0 / np.exp(vals - vals[best]).sum())
+            return int(ids[best])
         scaled = (vals - vals.max()) / self.params.temperature
         probs = np.exp(scaled)
         probs /= probs.sum()
@@ -130,7 +156,9 @@ class SequenceSampler:
         cumulative = np.cumsum(probs[order])
         keep = order[: int(np.searchsorted(cumulative, self.params.top_p) + 1)]
         p = probs[keep] / probs[keep].sum()
-        return int(ids[keep][self.rng.choice(len(keep), p=p)])
+        chosen = self.rng.choice(len(keep), p=p)
+        self.last_p = float(probs[keep][chosen])
+        return int(ids[keep][chosen])
 
     def _penalize(self, ids: np.ndarray, vals: np.ndarray) -> np.ndarray:
         if self.params.repeat_penalty == 1.0 or not self.recent:

@@ -64,6 +64,10 @@ PREFILL_RATE_GUESS = 80.0
 RECOMMENDATION_RESERVE = 40
 WRAP_UP_TOKENS = 35  # about one sentence of the small model in Spanish
 MIN_SECTION_TOKENS = 12
+# a sentence its phase's `keeps` rejects is taken back and written again (Phase.keeps), at most
+# this many times per answer: each try costs a sentence of decoding
+REWINDS_PER_ANSWER = 2
+BARRED = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,14 @@ class Phase:
 
     When the model writes `marker` itself, the next phase starts. When the phase reaches
     `soft_tokens` at the end of a sentence, or `hard_tokens` anywhere, the engine writes
-    `transition` for it (the last phase simply ends). `keeps`, given the section's text so far,
-    says whether it has a sentence the answer will keep (the grounding check): while it has none,
-    the section goes on past `soft_tokens` and the model may not end it, up to `hard_tokens`,
-    unless time presses. It is asked at each sentence end, on the engine's thread, so it must be a
-    quick pure function."""
+    `transition` for it (the last phase simply ends). `keeps`, given some of the section's text,
+    says whether it has a sentence the answer will keep (the grounding check). Asked of each new
+    sentence: one it rejects is taken back (its cells are dropped and the model writes that
+    sentence again, its least likely choice barred), up to REWINDS_PER_ANSWER times, so the next sentence
+    does not build on a wrong one; the rejected text stays in the answer's text, where the same
+    check withholds it again. Asked of the whole section: while it has no sentence to keep, the
+    section goes on past `soft_tokens` and the model may not end it, up to `hard_tokens`, unless
+    time presses. It runs on the engine's thread, so it must be a quick pure function."""
 
     soft_tokens: int
     hard_tokens: int
@@ -178,6 +185,16 @@ class _Slot:
     phase_start_tokens: int = 0
     phase_start_chars: int = 0
     section_kept: bool = False  # the section has a sentence its phase's `keeps` accepts
+    # where the newest sentence began, to take it back (_rewind): the cells kept, the tokens to
+    # decode again for the logits there, and where its text starts
+    mark_kv: int = 0
+    mark_pending: list[int] = field(default_factory=list)
+    mark_chars: int = 0
+    # the tokens sampled since the mark, each with the probability it was chosen with
+    since_mark: list[tuple[int, float]] = field(default_factory=list)
+    # choices a try taken back made at the mark: (the tokens before it, the token), barred there
+    barred: list[tuple[list[int], int]] = field(default_factory=list)
+    rewinds: int = 0
     reused: int = 0
     started: float = 0.0
     first_token: float | None = None
@@ -306,6 +323,8 @@ class GenerationEngine:
             # prompt chunks held back a step so that a student's answer already writing could
             # still end by its deadline
             "deferred_chunks": 0,
+            # sentences a phase's `keeps` rejected, taken back and written again
+            "rewound_sentences": 0,
         }
 
     # --- public API (any thread) ------------------------------------------------------------
@@ -641,6 +660,10 @@ class GenerationEngine:
         dst.phase_start_tokens = 0
         dst.phase_start_chars = 0
         dst.section_kept = False
+        # the first sentence's mark: the prompt's last token gives the first logits again
+        dst.mark_kv, dst.mark_pending, dst.mark_chars = len(prompt) - 1, prompt[-1:], 0
+        dst.since_mark, dst.barred, dst.rewinds = [], [], 0
+        sampler.checkpoint()
         dst.reused = reuse
         dst.started = time.monotonic()
         dst.first_token = None
@@ -782,6 +805,7 @@ class GenerationEngine:
             return
         if slot.first_token is None:
             slot.first_token = time.monotonic()
+        slot.since_mark.append((token, slot.sampler.last_p))
         if self.rt.is_eog(token):
             self._finish(slot, "stop")
             return
@@ -849,16 +873,19 @@ class GenerationEngine:
         phase = task.phases[slot.phase]
         used = slot.new_tokens - slot.phase_start_tokens
         pressed = self._pressed(slot)
+        barred = self._barred(slot)
         # a section with nothing a student will read yet does not end by the model's choice
         hold_end = _held(phase, slot, pressed)
         if used < MIN_SECTION_TOKENS:
-            return {**self._no_new_line, **self._no_end} if hold_end else self._no_new_line
+            base = {**self._no_new_line, **self._no_end} if hold_end else self._no_new_line
+            return {**base, **barred} if barred else base
         over = used - phase.soft_tokens
         if pressed:
             over = max(over, 4)
         bias = {t: min(8.0, 1.0 + 0.5 * over) for t in self._period_tokens} if over >= 0 else {}
         if hold_end:
             bias.update(self._no_end)
+        bias.update(barred)
         return bias or None
 
     def _advance_phase(self, slot: _Slot) -> None:
@@ -884,8 +911,12 @@ class GenerationEngine:
                 self._enter_next_phase(slot)
             return
         pressed = self._pressed(slot)
-        if at_sentence_end and phase.keeps is not None and not slot.section_kept:
-            slot.section_kept = phase.keeps(section)
+        if at_sentence_end and phase.keeps is not None:
+            if self._rewind_if_rejected(slot, phase, used, pressed):
+                return
+            if not slot.section_kept:
+                slot.section_kept = phase.keeps(section)
+            self._mark(slot)
         # nothing in the section a student will read yet (every sentence would be withheld):
         # another sentence, within the hard budget, rather than an answer left to the summary
         wrap_up = (used >= phase.soft_tokens and not _held(phase, slot, pressed)) or pressed
@@ -906,6 +937,64 @@ class GenerationEngine:
         slot.phase_start_tokens = slot.new_tokens
         slot.phase_start_chars = len(slot.text)
         slot.section_kept = False
+        self._mark(slot)  # a sentence is never taken back into the section before
+
+    def _mark(self, slot: _Slot) -> None:
+        """The newest sentence begins here: remember what taking it back returns to. Called right
+        after a sample (its token is pending) or a forced text (its tokens are), which the
+        sampler has accepted."""
+        assert slot.sampler is not None
+        slot.mark_kv = len(slot.kv_tokens)
+        slot.mark_pending = list(slot.pending)
+        slot.mark_chars = len(slot.text)
+        slot.since_mark, slot.barred = [], []
+        slot.sampler.checkpoint()
+
+    @staticmethod
+    def _barred(slot: _Slot) -> dict[int, float]:
+        """The choices a try taken back made, barred where the new try has come the same way."""
+        if not slot.barred:
+            return {}
+        so_far = [token for token, _ in slot.since_mark]
+        return {token: BARRED for before, token in slot.barred if before == so_far}
+
+    def _rewind_if_rejected(self, slot: _Slot, phase: Phase, used: int, pressed: bool) -> bool:
+        """Take back the sentence just ended when the phase's `keeps` rejects it and another try is
+        worth its time; whether it was taken back.
+
+        Read in class runs: the small model's first sentence was often wrong the same way («El
+        paciente está en estado de cirugía…»), and the next one, written after it, built on it.
+        Taken back, the sentence's cells are dropped, the sampler returns to the mark, and the
+        next try may not make the rejected sentence's least likely choice (where sampling took a
+        chance) once it has come the same way up to it: barring its first token instead made
+        most tries a sentence about nothing («Algunos datos del paciente son…»). Its tokens still
+        count toward the budgets (they were computed), so a section never runs longer than it
+        would have gone on writing. Not when time presses, when no budget is left for another
+        sentence, or when the section ends at this sentence anyway (it already has a sentence to
+        keep and is past its soft budget): the final check withholds the sentence then."""
+        assert phase.keeps is not None and slot.sampler is not None
+        if slot.rewinds >= REWINDS_PER_ANSWER or pressed or used >= phase.hard_tokens:
+            return False
+        if slot.section_kept and used >= phase.soft_tokens:
+            return False
+        if phase.keeps(slot.text[slot.mark_chars :]):
+            return False
+        self.rt.seq_rm(slot.seq, slot.mark_kv, -1)
+        del slot.kv_tokens[slot.mark_kv :]
+        slot.pending = list(slot.mark_pending)
+        slot.sampler.rewind()
+        if slot.since_mark:
+            tokens = [token for token, _ in slot.since_mark]
+            weakest = min(range(len(tokens)), key=lambda i: slot.since_mark[i][1])
+            slot.barred.append((tokens[:weakest], tokens[weakest]))
+        slot.since_mark = []
+        slot.rewinds += 1
+        self.counters["rewound_sentences"] += 1
+        # the rejected sentence stays in the answer's text (the check withholds it there as it
+        # did here); the next try is a sentence of its own after it
+        self._emit_text(slot, " ")
+        slot.mark_chars = len(slot.text)
+        return True
 
     def _force(self, slot: _Slot, text: str) -> bool:
         """Write text for the model (checked against its grammar); it is decoded next step."""
