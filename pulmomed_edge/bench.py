@@ -390,17 +390,17 @@ async def run_load(
         return summary, outcomes
     eng_b = before.get("components", {}).get("llm", {}).get("engine", {})
     eng_a = after.get("components", {}).get("llm", {}).get("engine", {})
-    summary = summarize(
-        outcomes,
-        wall,
-        eng_a.get("new_tokens", 0) - eng_b.get("new_tokens", 0),
-        eng_a.get("generations", 0) - eng_b.get("generations", 0),
-    )
+
+    def delta(counter: str) -> int:
+        return int(eng_a.get(counter, 0) - eng_b.get(counter, 0))
+
+    # the tokens of sentences the engine took back (rewound_*: the grounding check rejected them
+    # as the model wrote them, engine/scheduler.py) were computed, but no student reads them
+    delivered = delta("new_tokens") - delta("rewound_tokens")
+    summary = summarize(outcomes, wall, delivered, delta("generations"))
     summary["server_rss_mb"] = rss_mb
-    # rewound_sentences: sentences the grounding check rejected as the model wrote them, taken
-    # back and written again (engine/scheduler.py, Phase.keeps)
-    for counter in ("prompt_tokens", "reused_tokens", "decode_steps", "rewound_sentences"):
-        summary[counter] = eng_a.get(counter, 0) - eng_b.get(counter, 0)
+    for counter in ("prompt_tokens", "reused_tokens", "decode_steps", "rewound_sentences", "rewound_tokens"):
+        summary[counter] = delta(counter)
     summary["model"] = after.get("components", {}).get("llm", {}).get("model")
     # background generations for states that got a busy fallback, started while no student waited
     # (included in generations and new tokens), and those that finished (they pause for students)

@@ -853,6 +853,8 @@ def test_bench_short_mode_completes_and_reports(settings, tmp_path):
     content = sum(n for kind, n in ours["by_llm_model"].items() if kind in CONTENT_FALLBACKS)
     assert ours["content_fallback_rate"] == round(content / ours["ok"], 4) <= ours["fallback_rate"]
     assert "of which content" in proc.stdout
+    # sentences taken back as they were written are counted, and their tokens are not delivered
+    assert ours["rewound_tokens"] >= ours["rewound_sentences"] >= 0 and "sentences taken back" in proc.stdout
     assert {
         "ttft_s",
         "e2e_s",
@@ -1001,12 +1003,15 @@ async def test_a_rejected_sentence_is_taken_back_and_written_again_otherwise(ser
             return False
         return True
 
-    before = engine.stats()["rewound_sentences"]
+    before = engine.stats()
     budget = answer_budget(160, explanation_only=True, keeps=keeps)
     (event,) = await asyncio.to_thread(_run_tasks, engine, [prompt], grammar=EXPLANATION_GRAMMAR, **budget)
     if not rejected:  # greedy text differs by CPU: the premise, not the code
         pytest.skip("the model wrote no sentence end within its budget")
-    assert engine.stats()["rewound_sentences"] - before == len(rejected)
+    after = engine.stats()
+    assert after["rewound_sentences"] - before["rewound_sentences"] == len(rejected)
+    # their tokens were computed (the budgets count them) but are no one's answer
+    assert after["rewound_tokens"] - before["rewound_tokens"] >= len(rejected)
     written = sentences(event.text)
     for sentence in rejected:
         i = written.index(sentence)

@@ -323,8 +323,10 @@ class GenerationEngine:
             # prompt chunks held back a step so that a student's answer already writing could
             # still end by its deadline
             "deferred_chunks": 0,
-            # sentences a phase's `keeps` rejected, taken back and written again
+            # sentences a phase's `keeps` rejected, taken back and written again, and their tokens
+            # (counted in new_tokens too: computed, but no student reads them)
             "rewound_sentences": 0,
+            "rewound_tokens": 0,
         }
 
     # --- public API (any thread) ------------------------------------------------------------
@@ -987,6 +989,7 @@ class GenerationEngine:
             tokens = [token for token, _ in slot.since_mark]
             weakest = min(range(len(tokens)), key=lambda i: slot.since_mark[i][1])
             slot.barred.append((tokens[:weakest], tokens[weakest]))
+        self.counters["rewound_tokens"] += len(slot.since_mark)
         slot.since_mark = []
         slot.rewinds += 1
         self.counters["rewound_sentences"] += 1
