@@ -41,6 +41,13 @@ class ResponseCache(Generic[V]):
             item = self._items.get(key)  # type: ignore[call-overload]
             return item is not None and self._clock() < item[0]
 
+    def peek(self, key: str) -> V | None:
+        """The valid entry for key, if any; unlike get(), counts neither a hit nor a miss and
+        leaves the order of eviction as it was."""
+        with self._lock:
+            item = self._items.get(key)
+            return item[1] if item is not None and self._clock() < item[0] else None
+
     def put(self, key: str, value: V) -> None:
         if self.size <= 0:
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -415,16 +416,7 @@ class TeacherService:
         try:
             response = await self._generate(flight)
             flight.result.set_result(response)
-            key = flight.prepared.key
-            if _keeps_in_cache(response.llm_model, flight):
-                self.cache.put(key, response)
-                self._missed.pop(key, None)
-                if flight.backfill:
-                    self.backfilled += 1
-            elif (
-                response.llm_model in BUSY_KINDS or response.llm_model == UNSUPPORTED
-            ) and not flight.abandoned:
-                self._remember_miss(flight)
+            self._settle(flight, response)
         except Exception:  # never leave joiners hanging
             log.exception("generation flight failed")
             if flight.task is not None:
@@ -439,6 +431,19 @@ class TeacherService:
         finally:
             if self._flights.get(flight.prepared.key) is flight:
                 del self._flights[flight.prepared.key]
+
+    def _settle(self, flight: Flight, response: TeacherResponse) -> None:
+        """What a flight's answer leaves behind: a cache entry, and a state for the backfill."""
+        key = flight.prepared.key
+        if _keeps_in_cache(response.llm_model, flight):
+            self.cache.put(key, response)
+            self._missed.pop(key, None)
+            if flight.backfill:
+                self.backfilled += 1
+        # an answer withheld whole is tried again in the background, another draw each try
+        # (_draw): the cached summary stands in until a try writes a sentence to keep
+        if (response.llm_model in BUSY_KINDS or response.llm_model == UNSUPPORTED) and not flight.abandoned:
+            self._remember_miss(flight)
 
     # --- backfill (event loop) ----------------------------------------------------------------
     def start_backfill(self) -> None:
@@ -503,7 +508,8 @@ class TeacherService:
             if now - missed_at > BACKFILL_MAX_AGE_S:
                 self._missed.clear()  # everything older is older still
                 return
-            if key in self._flights or key in self.cache:
+            cached = self.cache.peek(key)
+            if key in self._flights or (cached is not None and cached.llm_model != UNSUPPORTED):
                 continue
             running.append(self._launch(prepared, backfill=True, attempt=attempts + 1))
             self.backfill_started += 1
@@ -574,7 +580,7 @@ class TeacherService:
             prompt=prepared.prompt,
             sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
             grammar=EXPLANATION_GRAMMAR if self.config.recommendation_from_sources else ANSWER_GRAMMAR,
-            params=self.config.sampling,
+            params=_draw(self.config.sampling, flight.attempt),
             deadline=deadline_s,
             background=flight.backfill and flight.joined_by is None,
             **answer_budget(
@@ -677,9 +683,10 @@ class TeacherService:
         return response.model_copy(update={"frases_retiradas": len(grounded.withheld)})
 
     def _keeps(self, prepared: Prepared) -> Callable[[str], bool] | None:
-        """The check a section's text must pass before the engine ends it (Phase.keeps): a section
-        whose only sentences would be withheld writes another, so that fewer answers are the
-        summary's (`fallback-unsupported`); None with the grounding check off."""
+        """The check each sentence the model writes must pass (Phase.keeps): one that would be
+        withheld is taken back and written again, and a section with none to keep writes another,
+        so that fewer answers are the summary's (`fallback-unsupported`); None with the grounding
+        check off."""
         if not self.config.grounding:
             return None
         support, stage, patient = prepared.support, prepared.stage, prepared.patient
@@ -772,11 +779,18 @@ def _fits(passage: PassageLike, case: LibraryCase | None) -> bool:
     return case is not None and case.caso_id in passage.texto
 
 
+def _draw(sampling: SamplingParams, attempt: int) -> SamplingParams:
+    """The sampling of a backfill's n-th try at a state: another seed each, so a state whose
+    answer was withheld whole (the same prompt and seed would most likely write it again) gets
+    another draw; a student's request (attempt 0) samples as configured."""
+    return dataclasses.replace(sampling, seed=sampling.seed + attempt) if attempt else sampling
+
+
 def cacheable(llm_model: str) -> bool:
     """Whether an answer of this kind goes into the response cache: the model's, and one whose
     every sentence its sources did not support (the same prompt and seed would most likely be
-    withheld again); never a fallback for a busy, failed or missing model, which a later try
-    may beat."""
+    withheld again: it stands in while the backfill tries another draw); never a fallback for a
+    busy, failed or missing model, which a later try may beat."""
     return not llm_model.startswith("fallback-") or llm_model == UNSUPPORTED
 
 
@@ -785,7 +799,7 @@ def _keeps_in_cache(llm_model: str, flight: Flight) -> bool:
     every sentence was withheld when admission had shortened it. In class runs a busy engine's
     short answer for SEER_006 was one withheld sentence, and the cache then served the summary to
     every student who asked it (7-12 % of a class's answers); written in full, the same prompt
-    gave a sentence to keep. Such a state is remembered for the backfill instead."""
+    gave a sentence to keep. Either way the backfill tries the state again (_draw)."""
     return cacheable(llm_model) and not (llm_model == UNSUPPORTED and flight.shortened)
 
 

@@ -803,6 +803,54 @@ def test_an_answer_withheld_whole_is_cached_only_when_it_was_written_in_full(ser
     assert not teacher_mod._keeps_in_cache("fallback-busy", full)
 
 
+async def test_an_answer_withheld_whole_stands_in_while_the_backfill_tries_another_draw(settings, seed):
+    """Class run: 4 of 6 `fallback-unsupported` answers were cache hits of one state's summary
+    (its answer, written in full, was withheld whole, and the same prompt and seed write it
+    again). The summary still stands in, and the backfill tries the state again, another seed
+    each try, up to BACKFILL_ATTEMPTS times; an answer with a sentence to keep replaces it."""
+    from pulmomed_edge import teacher as teacher_mod
+    from pulmomed_edge.activity import UNSUPPORTED
+    from pulmomed_edge.schema import parse_state
+
+    async with own_server(with_settings(settings, backfill=True)) as served:
+        teacher, engine = served.state.teacher, served.state.engine
+        seeds: list[tuple[list[int], int]] = []
+        submit = engine.submit
+
+        def recording(task: GenerationTask) -> None:  # the engine's own submit, watched
+            seeds.append((task.prompt, task.params.seed))
+            submit(task)
+
+        engine.submit = recording
+        prepared = teacher.prepare(parse_state(seed, teacher.library.ids))
+        # whether the test model's answer to this state keeps a sentence depends on the CPU:
+        # settle it as one withheld whole, written in full (what _fly does with such an answer)
+        withheld = teacher._fallback(prepared, UNSUPPORTED)
+        teacher._settle(teacher_mod.Flight(prepared, created=time.monotonic()), withheld)
+        assert teacher.cache.peek(prepared.key) == withheld  # it stands in meanwhile
+        assert prepared.key in teacher._missed
+        await _until(
+            lambda: (
+                teacher.backfill_stats()["started"] >= 1
+                and prepared.key not in teacher._missed
+                and prepared.key not in teacher._flights
+            ),
+            "the backfill's tries",
+        )
+        base = teacher.config.sampling.seed
+        tries = [s for prompt, s in seeds if prompt == prepared.prompt]
+        assert tries == [base + n for n in range(1, len(tries) + 1)]  # another draw each try
+        assert 1 <= len(tries) <= teacher_mod.BACKFILL_ATTEMPTS
+        cached = teacher.cache.peek(prepared.key)
+        # a try that kept a sentence ended the tries and is what the next student reads
+        if cached.llm_model != UNSUPPORTED:
+            assert cached.llm_model == teacher.llm.name and cached.frases_retiradas >= 0
+        else:
+            assert len(tries) == teacher_mod.BACKFILL_ATTEMPTS
+        status, again = await post(served, seed)
+        assert status == 200 and again["cache"] == "hit" and again["llm_model"] == cached.llm_model
+
+
 async def test_rate_limit_per_headset_is_429_with_retry_after(served, seed):
     state = served.state
     original = state.rate_limiter

@@ -76,14 +76,14 @@ class Phase:
 
     When the model writes `marker` itself, the next phase starts. When the phase reaches
     `soft_tokens` at the end of a sentence, or `hard_tokens` anywhere, the engine writes
-    `transition` for it (the last phase simply ends). `keeps`, given some of the section's text,
-    says whether it has a sentence the answer will keep (the grounding check). Asked of each new
-    sentence: one it rejects is taken back (its cells are dropped and the model writes that
-    sentence again, its least likely choice barred), up to REWINDS_PER_ANSWER times, so the next sentence
-    does not build on a wrong one; the rejected text stays in the answer's text, where the same
-    check withholds it again. Asked of the whole section: while it has no sentence to keep, the
-    section goes on past `soft_tokens` and the model may not end it, up to `hard_tokens`, unless
-    time presses. It runs on the engine's thread, so it must be a quick pure function."""
+    `transition` for it (the last phase simply ends). `keeps`, given the section's newest
+    sentence, says whether the answer will keep it (the grounding check). One it rejects is taken
+    back (its cells are dropped and the model writes that sentence again, its least likely choice
+    barred), up to REWINDS_PER_ANSWER times, so the next sentence does not build on a wrong one;
+    the rejected text stays in the answer's text, where the same check withholds it again. While
+    the section has no sentence to keep, it goes on past `soft_tokens` and the model may not end
+    it, up to `hard_tokens`, unless time presses. It runs on the engine's thread at each sentence
+    end, so it must be a quick pure function."""
 
     soft_tokens: int
     hard_tokens: int
@@ -914,10 +914,11 @@ class GenerationEngine:
             return
         pressed = self._pressed(slot)
         if at_sentence_end and phase.keeps is not None:
-            if self._rewind_if_rejected(slot, phase, used, pressed):
+            kept = phase.keeps(slot.text[slot.mark_chars :])  # the newest sentence
+            if not kept and self._rewinds(slot, phase, used, pressed):
+                self._rewind(slot)
                 return
-            if not slot.section_kept:
-                slot.section_kept = phase.keeps(section)
+            slot.section_kept = slot.section_kept or kept
             self._mark(slot)
         # nothing in the section a student will read yet (every sentence would be withheld):
         # another sentence, within the hard budget, rather than an answer left to the summary
@@ -960,9 +961,17 @@ class GenerationEngine:
         so_far = [token for token, _ in slot.since_mark]
         return {token: BARRED for before, token in slot.barred if before == so_far}
 
-    def _rewind_if_rejected(self, slot: _Slot, phase: Phase, used: int, pressed: bool) -> bool:
-        """Take back the sentence just ended when the phase's `keeps` rejects it and another try is
-        worth its time; whether it was taken back.
+    def _rewinds(self, slot: _Slot, phase: Phase, used: int, pressed: bool) -> bool:
+        """Whether a sentence the phase's `keeps` rejected is taken back (_rewind): not when time
+        presses, when no budget is left for another sentence, when the answer has taken back its
+        share, or when the section ends at this sentence anyway (it already has a sentence to keep
+        and is past its soft budget): the final check withholds the sentence then."""
+        if slot.rewinds >= REWINDS_PER_ANSWER or pressed or used >= phase.hard_tokens:
+            return False
+        return not (slot.section_kept and used >= phase.soft_tokens)
+
+    def _rewind(self, slot: _Slot) -> None:
+        """Take back the sentence just ended.
 
         Read in class runs: the small model's first sentence was often wrong the same way («El
         paciente está en estado de cirugía…»), and the next one, written after it, built on it.
@@ -971,16 +980,8 @@ class GenerationEngine:
         chance) once it has come the same way up to it: barring its first token instead made
         most tries a sentence about nothing («Algunos datos del paciente son…»). Its tokens still
         count toward the budgets (they were computed), so a section never runs longer than it
-        would have gone on writing. Not when time presses, when no budget is left for another
-        sentence, or when the section ends at this sentence anyway (it already has a sentence to
-        keep and is past its soft budget): the final check withholds the sentence then."""
-        assert phase.keeps is not None and slot.sampler is not None
-        if slot.rewinds >= REWINDS_PER_ANSWER or pressed or used >= phase.hard_tokens:
-            return False
-        if slot.section_kept and used >= phase.soft_tokens:
-            return False
-        if phase.keeps(slot.text[slot.mark_chars :]):
-            return False
+        would have gone on writing."""
+        assert slot.sampler is not None
         self.rt.seq_rm(slot.seq, slot.mark_kv, -1)
         del slot.kv_tokens[slot.mark_kv :]
         slot.pending = list(slot.mark_pending)
@@ -997,7 +998,6 @@ class GenerationEngine:
         # did here); the next try is a sentence of its own after it
         self._emit_text(slot, " ")
         slot.mark_chars = len(slot.text)
-        return True
 
     def _force(self, slot: _Slot, text: str) -> bool:
         """Write text for the model (checked against its grammar); it is decoded next step."""
