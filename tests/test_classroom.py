@@ -999,16 +999,21 @@ def test_a_period_after_a_digit_does_not_end_a_section():
     assert not _ends_sentence("La supervivencia fue del 92")
 
 
+async def _explanation_prompt(served) -> tuple[GenerationEngine, list[int]]:
+    """The engine, idle, and a short prompt that asks for the explanation alone."""
+    engine = served.state.engine
+    llm = served.state.teacher.llm
+    await wait_idle(engine)
+    return engine, llm.tokenize(
+        llm.template.render(SYSTEM_PROMPT, "Paciente: 58 años, estadio IA.", EXPLANATION_LABEL)
+    )
+
+
 async def test_a_section_whose_sentences_would_all_be_withheld_writes_another(served):
     """Read in a class run: a one-sentence explanation the grounding check withheld made the whole
     answer the summary's (`fallback-unsupported`). A phase's `keeps` (the check) now lets the
     section go on past its soft budget, to its hard budget, while it has no sentence to keep."""
-    engine = served.state.engine
-    llm = served.state.teacher.llm
-    await wait_idle(engine)
-    prompt = llm.tokenize(
-        llm.template.render(SYSTEM_PROMPT, "Paciente: 58 años, estadio IA.", EXPLANATION_LABEL)
-    )
+    engine, prompt = await _explanation_prompt(served)
     seen: list[str] = []
 
     def run(keeps) -> DoneEvent:
@@ -1035,17 +1040,12 @@ async def test_a_rejected_sentence_is_taken_back_and_written_again_otherwise(ser
     phase's `keeps` rejects is now taken back: its cells are dropped, the grammar returns to where
     the sentence began, and the next try may not make its least likely choice. Here `keeps` rejects
     the first two sentences the model writes, each once: the answer's text has them, each
-    followed by a try that starts otherwise, and the cache holds what the engine's books say."""
-    engine = served.state.engine
-    llm = served.state.teacher.llm
-    await wait_idle(engine)
-    prompt = llm.tokenize(
-        llm.template.render(SYSTEM_PROMPT, "Paciente: 58 años, estadio IA.", EXPLANATION_LABEL)
-    )
+    followed by another try, and the cache holds what the engine's books say."""
+    engine, prompt = await _explanation_prompt(served)
     rejected: list[str] = []
 
     def keeps(text: str) -> bool:
-        # the newest sentence alone is asked first, then the section: reject two new sentences
+        # asked of each new sentence: reject the first two, each once
         if len(rejected) < REWINDS_PER_ANSWER and len(sentences(text)) == 1 and text.strip() not in rejected:
             rejected.append(text.strip())
             return False
