@@ -19,7 +19,15 @@ from pulmomed_edge.bench import CONTENT_FALLBACKS
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
 from pulmomed_edge.engine.sampling import SequenceSampler
-from pulmomed_edge.engine.scheduler import REWINDS_PER_ANSWER, STALL_S, _ends_sentence, _Slot, common_prefix
+from pulmomed_edge.engine.scheduler import (
+    MIN_SECTION_TOKENS,
+    REWINDS_PER_ANSWER,
+    STALL_S,
+    _ends_sentence,
+    _Slot,
+    _written,
+    common_prefix,
+)
 from pulmomed_edge.extractive import sentences
 from pulmomed_edge.grounding import ground_sections, unsupported
 from pulmomed_edge.http.middlewares import RateLimiter
@@ -1101,6 +1109,14 @@ def test_a_try_taken_back_bars_its_least_likely_choice_where_the_next_try_comes_
     assert GenerationEngine._barred(slot) == {7: float("-inf")}
     slot.since_mark = [(5, 0.9), (8, 0.3)]
     assert GenerationEngine._barred(slot) == {}
+
+
+def test_a_section_s_minimum_counts_only_the_tokens_its_text_still_has():
+    """Tokens taken back count toward a section's budgets (they were computed), not toward the
+    minimum that holds its new line back («El.» and on to the next section): a retry at the
+    section's start gets the whole minimum again."""
+    slot = _Slot(seq=0, new_tokens=40, phase_start_tokens=10, phase_rewound=22)
+    assert _written(slot) == 8 < MIN_SECTION_TOKENS <= slot.new_tokens - slot.phase_start_tokens
 
 
 def test_baseline_without_repacking_loads_its_weights_like_our_engine(settings):

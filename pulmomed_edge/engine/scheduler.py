@@ -46,6 +46,12 @@ def _ends_sentence(text: str) -> bool:
     return text.endswith(SENTENCE_END) and not _AFTER_DIGIT.search(text)
 
 
+def _written(slot: _Slot) -> int:
+    """The tokens the slot's current section has in its text: its budgets also count those it
+    took back (they were computed), its minimum length does not."""
+    return slot.new_tokens - slot.phase_start_tokens - slot.phase_rewound
+
+
 def _held(phase: Phase, slot: _Slot, pressed: bool) -> bool:
     """Whether the section goes on past its soft budget, and the model may not end it: its phase
     checks what it keeps (`Phase.keeps`), nothing so far would be kept, and time does not press."""
@@ -195,6 +201,7 @@ class _Slot:
     # choices a try taken back made at the mark: (the tokens before it, the token), barred there
     barred: list[tuple[list[int], int]] = field(default_factory=list)
     rewinds: int = 0
+    phase_rewound: int = 0  # tokens this section took back: computed, but not in its text
     reused: int = 0
     started: float = 0.0
     first_token: float | None = None
@@ -488,9 +495,8 @@ class GenerationEngine:
         passes it: admission calls this from the event loop, where the worker may free the slot
         meanwhile (the figures are then one step stale, never a crash)."""
         phases = task.phases or (Phase(task.max_new_tokens, task.max_new_tokens),)
-        into = slot.new_tokens - slot.phase_start_tokens
         sentence = WRAP_UP_TOKENS // 2
-        need = max(0, MIN_SECTION_TOKENS - into) + sentence
+        need = max(0, MIN_SECTION_TOKENS - _written(slot)) + sentence
         need += len(phases[slot.phase + 1 :]) * (MIN_SECTION_TOKENS + sentence + 4)  # 4: its label
         return min(need, task.max_new_tokens - slot.new_tokens)
 
@@ -664,7 +670,7 @@ class GenerationEngine:
         dst.section_kept = False
         # the first sentence's mark: the prompt's last token gives the first logits again
         dst.mark_kv, dst.mark_pending, dst.mark_chars = len(prompt) - 1, prompt[-1:], 0
-        dst.since_mark, dst.barred, dst.rewinds = [], [], 0
+        dst.since_mark, dst.barred, dst.rewinds, dst.phase_rewound = [], [], 0, 0
         sampler.checkpoint()
         dst.reused = reuse
         dst.started = time.monotonic()
@@ -858,8 +864,7 @@ class GenerationEngine:
         got busier gets shorter complete answers (or, if even that is too late, the fallback)."""
         task = slot.task
         assert task is not None
-        used = slot.new_tokens - slot.phase_start_tokens
-        if used < MIN_SECTION_TOKENS:
+        if _written(slot) < MIN_SECTION_TOKENS:
             return False
         left = self._tokens_left(slot)
         if slot.phase < len(task.phases) - 1:
@@ -878,7 +883,7 @@ class GenerationEngine:
         barred = self._barred(slot)
         # a section with nothing a student will read yet does not end by the model's choice
         hold_end = _held(phase, slot, pressed)
-        if used < MIN_SECTION_TOKENS:
+        if _written(slot) < MIN_SECTION_TOKENS:
             base = {**self._no_new_line, **self._no_end} if hold_end else self._no_new_line
             return {**base, **barred} if barred else base
         over = used - phase.soft_tokens
@@ -940,6 +945,7 @@ class GenerationEngine:
         slot.phase_start_tokens = slot.new_tokens
         slot.phase_start_chars = len(slot.text)
         slot.section_kept = False
+        slot.phase_rewound = 0
         self._mark(slot)  # a sentence is never taken back into the section before
 
     def _mark(self, slot: _Slot) -> None:
@@ -991,6 +997,7 @@ class GenerationEngine:
             weakest = min(range(len(tokens)), key=lambda i: slot.since_mark[i][1])
             slot.barred.append((tokens[:weakest], tokens[weakest]))
         self.counters["rewound_tokens"] += len(slot.since_mark)
+        slot.phase_rewound += len(slot.since_mark)
         slot.since_mark = []
         slot.rewinds += 1
         self.counters["rewound_sentences"] += 1
