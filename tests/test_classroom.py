@@ -24,6 +24,7 @@ from pulmomed_edge.engine.scheduler import (
     REWINDS_PER_ANSWER,
     STALL_S,
     _ends_sentence,
+    _opens,
     _Slot,
     _written,
     common_prefix,
@@ -1109,6 +1110,17 @@ def test_a_try_taken_back_bars_its_least_likely_choice_where_the_next_try_comes_
     assert GenerationEngine._barred(slot) == {7: float("-inf")}
     slot.since_mark = [(5, 0.9), (8, 0.3)]
     assert GenerationEngine._barred(slot) == {}
+
+
+def test_a_section_at_its_hard_budget_finishes_the_marker_the_model_is_writing():
+    """A fresh clone's suite failed once: the test model was writing «\nRecome…» when the
+    explanation reached its hard budget; the grammar refused the forced transition there, the
+    answer ended without its recommendation, and the student got `fallback-error`. A section whose
+    text ends with the start of its marker now goes on until the marker is whole."""
+    assert _opens("…sin ganglios. 2.\nRecome", SECTION_MARKER)
+    assert _opens("…sin ganglios.\n", SECTION_MARKER)
+    assert not _opens("…sin ganglios.", SECTION_MARKER)
+    assert not _opens("…sin ganglios.", "")  # the last phase has no marker
 
 
 def test_a_section_s_minimum_counts_only_the_tokens_its_text_still_has():

@@ -46,6 +46,12 @@ def _ends_sentence(text: str) -> bool:
     return text.endswith(SENTENCE_END) and not _AFTER_DIGIT.search(text)
 
 
+def _opens(text: str, marker: str) -> bool:
+    """Whether text ends with the start of marker: the model is writing it (the grammar then takes
+    no forced transition, and the phase ends once the marker is whole)."""
+    return any(text.endswith(marker[:n]) for n in range(1, len(marker)))
+
+
 def _written(slot: _Slot) -> int:
     """The tokens the slot's current section has in its text: its budgets also count those it
     took back (they were computed), its minimum length does not."""
@@ -918,8 +924,10 @@ class GenerationEngine:
                 self._enter_next_phase(slot)
             return
         pressed = self._pressed(slot)
-        if at_sentence_end and phase.keeps is not None:
-            kept = phase.keeps(slot.text[slot.mark_chars :])  # the newest sentence
+        newest = slot.text[slot.mark_chars :]
+        # (only a space since the mark, as after a rewind, is no new sentence)
+        if at_sentence_end and phase.keeps is not None and newest.strip():
+            kept = phase.keeps(newest)
             if not kept and self._rewinds(slot, phase, used, pressed):
                 self._rewind(slot)
                 return
@@ -935,7 +943,7 @@ class GenerationEngine:
             forced = phase.transition if at_sentence_end else "." + phase.transition
             if self._force(slot, forced):
                 self._enter_next_phase(slot)
-            elif used >= phase.hard_tokens:
+            elif used >= phase.hard_tokens and not _opens(section, phase.marker):
                 self._finish(slot, "length")
             # else the grammar does not take the transition yet (say, right after the leading
             # space): try again after the next token
