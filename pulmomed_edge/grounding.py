@@ -282,8 +282,9 @@ def is_kept(
 def keeps_a_sentence(
     text: str, support: frozenset[str], *, stage: str | None = None, patient: frozenset[str] | None = None
 ) -> bool:
-    """Whether a section's text has a whole sentence the check would keep (a Phase's `keeps`: the
-    engine lets a section whose every sentence would be withheld write another)."""
+    """Whether text has a whole sentence the check would keep (a Phase's `keeps`, asked of each
+    sentence the model ends: the engine takes a rejected one back and writes it again, and lets a
+    section with none to keep write another)."""
     return any(
         is_kept(s, support, stage=stage, patient=patient)
         for s in sentences(text)

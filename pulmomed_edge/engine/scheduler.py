@@ -928,7 +928,7 @@ class GenerationEngine:
         # (only a space since the mark, as after a rewind, is no new sentence)
         if at_sentence_end and phase.keeps is not None and newest.strip():
             kept = phase.keeps(newest)
-            if not kept and self._rewinds(slot, phase, used, pressed):
+            if not kept and self._may_rewind(slot, phase, used, pressed):
                 self._rewind(slot)
                 return
             slot.section_kept = slot.section_kept or kept
@@ -975,7 +975,7 @@ class GenerationEngine:
         so_far = [token for token, _ in slot.since_mark]
         return {token: BARRED for before, token in slot.barred if before == so_far}
 
-    def _rewinds(self, slot: _Slot, phase: Phase, used: int, pressed: bool) -> bool:
+    def _may_rewind(self, slot: _Slot, phase: Phase, used: int, pressed: bool) -> bool:
         """Whether a sentence the phase's `keeps` rejected is taken back (_rewind): not when time
         presses, when no budget is left for another sentence, when the answer has taken back its
         share, or when the section ends at this sentence anyway (it already has a sentence to keep
