@@ -15,6 +15,7 @@ from typing import Protocol, TypeVar
 
 from .canonical import LUNG_STATE_NAMES, CanonicalState, smoking_phrase, treatment_phrase
 from .cases import LibraryCase
+from .engine.markers import marker_overlap
 
 SYSTEM_PROMPT = (
     "Eres un profesor de oncología torácica. Explicas a estudiantes de medicina un caso simulado de "
@@ -206,7 +207,7 @@ class SectionTracker:
         self.raw += piece
         head, sep, tail = self.raw.partition(SECTION_MARKER)
         if not sep:
-            head = head[: len(head) - _marker_overlap(head)]
+            head = head[: len(head) - marker_overlap(head, SECTION_MARKER)]
         out: list[tuple[str, str]] = []
         for name, text in (("explicacion", head), ("recomendacion", tail if sep else "")):
             body = text.lstrip()
@@ -215,11 +216,3 @@ class SectionTracker:
                 self._sent[name] = len(body)
                 out.append((name, new))
         return out
-
-
-def _marker_overlap(text: str) -> int:
-    """How many trailing characters of text could be the start of the section marker."""
-    for n in range(min(len(SECTION_MARKER) - 1, len(text)), 0, -1):
-        if SECTION_MARKER.startswith(text[-n:]):
-            return n
-    return 0

@@ -18,13 +18,13 @@ from pulmomed_edge import teacher as teacher_module
 from pulmomed_edge.bench import CONTENT_FALLBACKS
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
+from pulmomed_edge.engine.markers import marker_overlap
 from pulmomed_edge.engine.sampling import SequenceSampler
 from pulmomed_edge.engine.scheduler import (
     MIN_SECTION_TOKENS,
     REWINDS_PER_ANSWER,
     STALL_S,
     _ends_sentence,
-    _opens,
     _Slot,
     _written,
     common_prefix,
@@ -1117,10 +1117,11 @@ def test_a_section_at_its_hard_budget_finishes_the_marker_the_model_is_writing()
     explanation reached its hard budget; the grammar refused the forced transition there, the
     answer ended without its recommendation, and the student got `fallback-error`. A section whose
     text ends with the start of its marker now goes on until the marker is whole."""
-    assert _opens("…sin ganglios. 2.\nRecome", SECTION_MARKER)
-    assert _opens("…sin ganglios.\n", SECTION_MARKER)
-    assert not _opens("…sin ganglios.", SECTION_MARKER)
-    assert not _opens("…sin ganglios.", "")  # the last phase has no marker
+    assert marker_overlap("…sin ganglios. 2.\nRecome", SECTION_MARKER) == len("\nRecome")
+    assert marker_overlap("…sin ganglios.\n", SECTION_MARKER) == 1
+    assert marker_overlap("…sin ganglios.", SECTION_MARKER) == 0
+    assert marker_overlap("…sin ganglios.\nRecomendación:", SECTION_MARKER) == 0  # whole: written
+    assert marker_overlap("…sin ganglios.", "") == 0  # the last phase has no marker
 
 
 def test_a_section_s_minimum_counts_only_the_tokens_its_text_still_has():

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .batching import BatchPlan, StepCost
+from .markers import marker_overlap
 from .runtime import LlamaRuntime, Utf8Stream
 from .sampling import GrammarRejected, SamplingParams, SequenceSampler
 
@@ -44,12 +45,6 @@ def _ends_sentence(text: str) -> bool:
     ended as the model wrote "6.2"); the section then ends at the next sentence end."""
     text = text.rstrip()
     return text.endswith(SENTENCE_END) and not _AFTER_DIGIT.search(text)
-
-
-def _opens(text: str, marker: str) -> bool:
-    """Whether text ends with the start of marker: the model is writing it (the grammar then takes
-    no forced transition, and the phase ends once the marker is whole)."""
-    return any(text.endswith(marker[:n]) for n in range(1, len(marker)))
 
 
 def _written(slot: _Slot) -> int:
@@ -943,7 +938,9 @@ class GenerationEngine:
             forced = phase.transition if at_sentence_end else "." + phase.transition
             if self._force(slot, forced):
                 self._enter_next_phase(slot)
-            elif used >= phase.hard_tokens and not _opens(section, phase.marker):
+            elif used >= phase.hard_tokens and not marker_overlap(section, phase.marker):
+                # (unless the model is writing the marker: the grammar takes no forced transition
+                # then, and the phase ends once the marker is whole)
                 self._finish(slot, "length")
             # else the grammar does not take the transition yet (say, right after the leading
             # space): try again after the next token
