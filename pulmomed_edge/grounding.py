@@ -108,10 +108,11 @@ def restates_patient(sentence: str, patient: frozenset[str]) -> bool:
     return bool(found) and all(t in patient for t in found)
 
 
-# a stage's group and letter ("IV", "IIB", "IA2"), then where it is found: after "estadio(s)" in a
-# sentence, anywhere in a stage's own text
+# a stage's group and letter ("IV", "IIB", "IA2"), then where it is found: after "estadio(s)" or
+# "fase(s)" in a sentence (the model says «el paciente está en fase IV» too; but «un ensayo de
+# fase III» is a trial's phase, as the passages use it), anywhere in a stage's own text
 _ROMAN_STAGE = r"(IV|I{1,3})([ABC])?(?![A-Za-z])"
-_STAGE_MENTION = re.compile(r"\b[Ee]stadios?\s+" + _ROMAN_STAGE)
+_STAGE_MENTION = re.compile(r"\b(?:[Ee]stadios?|(?<!de )[Ff]ases?)\s+" + _ROMAN_STAGE)
 # a stage in brackets after the tumour it names: «Su tumor es de más de 4 y hasta 5 cm sin
 # ganglios (IIA)» for a stage IIB patient
 _BRACKETED_STAGE = re.compile(r"\((IV|I{1,3})([ABC])?\)")

@@ -175,6 +175,10 @@ def test_sentence_gate_streams_whole_checked_sentences_only(esophagitis):
         ("Su tumor es de más de 4 y hasta 5 cm sin ganglios (IIA).", "IIB", True),
         ("Su tumor es T2b con ganglios hiliares (IIB).", "IIB", False),
         ("Su tumor afecta a ganglios hiliares (N1).", "IIB", False),  # a node category, not a stage
+        # «fase» for the stage, but not a trial's phase (as the passages use the word)
+        ("El paciente está en fase IV de la enfermedad.", "IIB (T3)", True),
+        ("El paciente está en fase II de la enfermedad.", "IIB (T3)", False),
+        ("Para este paciente, un ensayo de fase III (PACIFIC) mostró el beneficio.", "IIB (T3)", False),
     ],
 )
 def test_a_sentence_giving_the_patient_another_stage_is_withheld(sentence, stage, misstated):
