@@ -76,6 +76,10 @@ BACKFILL_QUIET_S = 1.0  # no new live generation for this long before a backfill
 BACKFILL_AT_ONCE = 2  # background generations at once (each holds a slot while it pauses)
 BACKFILL_ATTEMPTS = 2  # per state; a failed backfill is retried once (a preempted one is not a try)
 BACKFILL_PENDING_MAX = 64  # states remembered, newest first
+# a state whose answer was withheld whole: how many more draws it gets in all (the backfill's and
+# those of students who ask it again), and how many such states are remembered
+STAND_IN_DRAWS = 4
+STAND_IN_STATES_MAX = 256
 BACKFILL_MAX_AGE_S = 600.0  # older states are dropped: the class has moved on
 # nobody waits on a backfill and it may pause for long in a busy class: this only guards
 # against a generation that never ends
@@ -151,6 +155,9 @@ class Flight:
     # admission gave it fewer new tokens than configured (a busy engine): an answer whose every
     # sentence was withheld may then be a matter of length, which a later try in full can beat
     shortened: bool = False
+    # a redraw of a state whose summary stands in (TeacherService._redraw): a busy engine's
+    # student gets it at once instead of `fallback-busy`
+    stand_in: TeacherResponse | None = None
 
     def promote(self, deadline: float) -> bool:
         """A student joins this flight. A backfill from now on runs as their generation, and wraps
@@ -229,6 +236,8 @@ class TeacherService:
         self._memo_lock = threading.Lock()
         # cache key → (state, attempts so far, when it was missed): newest last
         self._missed: OrderedDict[str, tuple[Prepared, int, float]] = OrderedDict()
+        # cache key → the newest draw (Flight.attempt) of a state whose summary stands in
+        self._draws: OrderedDict[str, int] = OrderedDict()
         self._last_live = -math.inf  # when the last live generation started (monotonic)
         self._backfiller: asyncio.Task[None] | None = None
         self.backfill_started = 0  # background generations started (preempted ones included)
@@ -330,12 +339,18 @@ class TeacherService:
             "retrieved_chunks": len(prepared.passages),
             "llm_model": model_name,
         }
-        cached = self.cache.get(prepared.key)
-        if cached is not None:
-            yield "meta", meta
-            self.recent.record(CACHE)
-            yield "done", _timed(cached, started, "hit")
-            return
+        # a summary that stands in for an answer withheld whole is drawn again for a student who
+        # asks (while the state has draws left): they get it at once only if the engine is busy
+        stand_in = self.cache.peek(prepared.key)
+        attempt = self._redraw(prepared.key, stand_in)
+        if attempt is None:
+            cached = self.cache.get(prepared.key)
+            if cached is not None:
+                yield "meta", meta
+                self.recent.record(CACHE)
+                yield "done", _timed(cached, started, "hit")
+                return
+            stand_in, attempt = None, 0
         flight = self._flights.get(prepared.key)
         role = "shared"
         # a preempted backfill ends with a fallback: not that; nor, with the engine stuck, a
@@ -348,7 +363,7 @@ class TeacherService:
             or not flight.promote(time.monotonic() + ANSWER_SHARE * self.config.budget_s)
         ):
             self._last_live = time.monotonic()
-            flight = self._launch(prepared)
+            flight = self._launch(prepared, attempt=attempt, stand_in=stand_in)
             role = "miss"
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         flight.listeners.append(queue)
@@ -386,7 +401,9 @@ class TeacherService:
             else:
                 self.timeouts["joined"] += 1
                 response = self._keeping_shown(flight, "fallback-timeout")
-            self.recent.record(answer_kind(response.llm_model))
+            if response is flight.stand_in:  # the engine was busy: the cache's answer, at once
+                role = "hit"
+            self.recent.record(CACHE if role == "hit" else answer_kind(response.llm_model))
             yield "done", _timed(response, started, role)
         finally:
             if getter is not None:  # the student left while waiting: no queue read outlives them
@@ -403,9 +420,17 @@ class TeacherService:
                     if flight.cancel:
                         flight.cancel()
 
-    def _launch(self, prepared: Prepared, *, backfill: bool = False, attempt: int = 0) -> Flight:
+    def _launch(
+        self,
+        prepared: Prepared,
+        *,
+        backfill: bool = False,
+        attempt: int = 0,
+        stand_in: TeacherResponse | None = None,
+    ) -> Flight:
         """Register a flight for this state (identical requests join it) and start generating."""
-        flight = Flight(prepared, backfill=backfill, attempt=attempt, created=time.monotonic())
+        flight = Flight(prepared, backfill=backfill, attempt=attempt, stand_in=stand_in)
+        flight.created = time.monotonic()
         flight.result = asyncio.get_running_loop().create_future()
         self._flights[prepared.key] = flight
         flight.runner = asyncio.create_task(self._fly(flight))
@@ -435,15 +460,36 @@ class TeacherService:
     def _settle(self, flight: Flight, response: TeacherResponse) -> None:
         """What a flight's answer leaves behind: a cache entry, and a state for the backfill."""
         key = flight.prepared.key
+        if response is flight.stand_in:  # no draw: the engine was too busy for one
+            return
+        if response.llm_model == UNSUPPORTED:
+            self._draws[key] = max(flight.attempt, self._draws.pop(key, 0))
+            while len(self._draws) > STAND_IN_STATES_MAX:
+                self._draws.popitem(last=False)
         if _keeps_in_cache(response.llm_model, flight):
             self.cache.put(key, response)
             self._missed.pop(key, None)
+            if response.llm_model != UNSUPPORTED:
+                self._draws.pop(key, None)
             if flight.backfill:
                 self.backfilled += 1
         # an answer withheld whole is tried again in the background, another draw each try
         # (_draw): the cached summary stands in until a try writes a sentence to keep
         if (response.llm_model in BUSY_KINDS or response.llm_model == UNSUPPORTED) and not flight.abandoned:
             self._remember_miss(flight)
+
+    def _redraw(self, key: str, cached: TeacherResponse | None) -> int | None:
+        """The draw (Flight.attempt) a student's request makes of a state whose cached answer is
+        the summary standing in for one withheld whole; None to serve the cached answer.
+
+        Class runs: a third of the `fallback-unsupported` answers were cache hits of such a
+        summary, read again while the backfill waited for a quiet engine. A student who asks
+        such a state now gets another draw (the backfill's tries and theirs count together, up
+        to STAND_IN_DRAWS), or the summary at once when admission finds the engine busy."""
+        if cached is None or cached.llm_model != UNSUPPORTED or self.llm is None or self._engine_down():
+            return None
+        draws = self._draws.get(key, 0)
+        return draws + 1 if draws < STAND_IN_DRAWS else None
 
     # --- backfill (event loop) ----------------------------------------------------------------
     def start_backfill(self) -> None:
@@ -562,6 +608,8 @@ class TeacherService:
                 crowds = not (late or short) and engine.crowds(new_tokens, grace_s)
                 reason = "late" if late else "short" if short else "crowds" if crowds else None
                 if reason:
+                    if flight.stand_in is not None:  # no time for a new draw: what the cache held
+                        return flight.stand_in
                     self.busy[reason] += 1
                     log.info(
                         "busy (%s): first word expected after %.1f s, %d tokens would fit; engine: %s",
@@ -596,6 +644,8 @@ class TeacherService:
         try:
             llm.engine.submit(task)
         except EngineBusy:
+            if flight.stand_in is not None:
+                return flight.stand_in
             if not flight.backfill:
                 self.busy["queue"] += 1
             return self._fallback(prepared, "fallback-busy")
@@ -644,21 +694,38 @@ class TeacherService:
                     return self._keeping_shown(flight, "fallback-timeout")
                 sections = self._sections(event.text)
                 if sections is None:
-                    log.error("generation without both sections: %r", event.text[:200])
+                    log.error(
+                        "generation without an explanation (finish %s, %d new tokens): %r",
+                        event.finish,
+                        event.new_tokens,
+                        event.text[:200],
+                    )
                     return self._keeping_shown(flight, "fallback-error")
                 for delta in gate.finish() if gate else []:
                     flight.publish("delta", delta)
                 response = self._checked(prepared, sections, llm.name)
-                if self.config.recommendation_from_sources:  # streamed like the model's would be
+                if not sections.recomendacion:  # the sources' own: streamed like the model's would be
                     flight.publish("delta", ("recomendacion", response.recomendacion))
                 return response
 
     def _sections(self, generated: str) -> Sections | None:
         """The generated sections; with the recommendation from the sources, the model wrote the
-        explanation alone (the recommendation is left empty for the summary's to fill)."""
+        explanation alone (the recommendation is left empty for the summary's to fill).
+
+        An answer that ended before its recommendation keeps its explanation, and the summary's
+        recommendation completes it (`origen` says so): once in a full test run, a tight
+        max_new_tokens (40) and a sentence taken back left the test model's answer without its
+        recommendation, and the student got `fallback-error` for it."""
         if self.config.recommendation_from_sources:
             return Sections(complete_sentences(generated.strip()), "")
-        return split_sections(generated)
+        sections = split_sections(generated)
+        if sections is None:
+            explanation = complete_sentences(generated.partition(SECTION_MARKER)[0].strip())
+            if not explanation:
+                return None
+            log.warning("answer without its recommendation: the sources' completes it: %r", generated[:200])
+            sections = Sections(explanation, "")
+        return sections
 
     def _checked(self, prepared: Prepared, sections: Sections, model: str) -> TeacherResponse:
         """The model's answer without the sentences its sources do not support; a section left

@@ -406,6 +406,25 @@ async def test_a_model_answer_with_one_section_withheld_is_mixed(served):
     assert nothing.model_dump()["origen"] == {"explicacion": "fuentes", "recomendacion": "fuentes"}
 
 
+async def test_an_answer_that_ended_before_its_recommendation_keeps_its_explanation(served):
+    """Once in a full test run, a tight max_new_tokens and a sentence taken back left the test
+    model's answer without its recommendation, and the student got `fallback-error`. The
+    explanation now stays, the summary's recommendation completes it, and `origen` says so; only
+    an answer with no explanation at all is an error."""
+    teacher = served.state.teacher
+    state = parse_state({"age": 58, "pack_years": 40, "sensitive_tumor_volume": 30.0}, set())
+    prepared = await asyncio.to_thread(teacher.prepare, state)
+    restated = sentences(prepared.passages[0].texto)[0].rstrip(".") + " [1]."
+    for written in (f" {restated} Y lo que", f" {restated}\nRecomen", f" {restated}\nRecomendación: "):
+        sections = teacher._sections(written)
+        assert sections == Sections(restated, ""), written
+        checked = teacher._checked(prepared, sections, "modelo-de-prueba")
+        assert checked.llm_model == "modelo-de-prueba" and checked.explicacion == restated
+        assert checked.recomendacion == teacher._extractive(prepared).recomendacion
+        assert checked.model_dump()["origen"] == {"explicacion": "modelo", "recomendacion": "fuentes"}
+    assert teacher._sections(" ") is None and teacher._sections("\nRecomendación: Operar.") is None
+
+
 async def test_a_fallback_is_the_summary_and_a_timeout_keeps_what_was_shown(served, seed):
     """A fallback: both "fuentes". A timeout that keeps the explanation a student was shown: that
     section is the model's, the other the summary's, though the label is a fallback's."""

@@ -16,6 +16,7 @@ from conftest import cli_env, generated, health, own_server, read_stream, with_s
 
 from pulmomed_edge import teacher as teacher_module
 from pulmomed_edge.bench import CONTENT_FALLBACKS
+from pulmomed_edge.canonical import canonicalize
 from pulmomed_edge.config import manifest_path
 from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
 from pulmomed_edge.engine.markers import marker_overlap
@@ -38,6 +39,7 @@ from pulmomed_edge.prompts import (
     EXPLANATION_LABEL,
     SECTION_MARKER,
     SYSTEM_PROMPT,
+    Sections,
     split_sections,
 )
 from pulmomed_edge.schema import parse_state
@@ -856,8 +858,57 @@ async def test_an_answer_withheld_whole_stands_in_while_the_backfill_tries_anoth
             assert cached.llm_model == teacher.llm.name and cached.frases_retiradas >= 0
         else:
             assert len(tries) == teacher_mod.BACKFILL_ATTEMPTS
-        status, again = await post(served, seed)
-        assert status == 200 and again["cache"] == "hit" and again["llm_model"] == cached.llm_model
+        if cached.llm_model != UNSUPPORTED:
+            status, again = await post(served, seed)
+            assert status == 200 and again["cache"] == "hit" and again["llm_model"] == cached.llm_model
+        # (a student who asks a state whose summary stands in draws again: the test below)
+
+
+async def test_a_student_asking_a_state_whose_summary_stands_in_gets_another_draw(settings, seed):
+    """Class runs: a third of the `fallback-unsupported` answers were cache hits of one state's
+    summary, standing in while the backfill waited for a quiet engine. A student who asks such a
+    state now gets another draw (another seed; the backfill's and students' draws count together,
+    up to STAND_IN_DRAWS), or, when the engine is busy, the summary at once as before."""
+    from pulmomed_edge import teacher as teacher_mod
+    from pulmomed_edge.activity import UNSUPPORTED
+    from pulmomed_edge.schema import parse_state
+
+    async with own_server(with_settings(settings, backfill=False)) as served:
+        teacher, engine = served.state.teacher, served.state.engine
+        seeds: list[int] = []
+        submit = engine.submit
+
+        def recording(task: GenerationTask) -> None:  # the engine's own submit, watched
+            submit(task)  # (a full queue raises: no draw)
+            seeds.append(task.params.seed)
+
+        engine.submit = recording
+        state = parse_state(seed, teacher.library.ids)
+        prepared = teacher.prepare(state)
+        # whether the test model writes a sentence to keep depends on the CPU: with nothing to
+        # support them, every sentence of every draw is withheld (the memo serves this state)
+        hopeless = dataclasses.replace(prepared, support=frozenset())
+        teacher._memo[canonicalize(state).key_material()] = hopeless
+        withheld = teacher._fallback(hopeless, UNSUPPORTED)
+        teacher._settle(teacher_mod.Flight(hopeless, created=time.monotonic()), withheld)
+        # a busy engine: the summary at once, from the cache, and no draw spent
+        busy = dict(teacher.busy)
+        status, first = await _busy_answer(served, seed)
+        assert status == 200 and first["cache"] == "hit" and first["llm_model"] == UNSUPPORTED
+        assert first["explicacion"] == withheld.explicacion and seeds == [] and teacher.busy == busy
+        # an idle one: each student's request is another draw, until the state has had its draws
+        base = teacher.config.sampling.seed
+        for n in range(1, teacher_mod.STAND_IN_DRAWS + 1):
+            status, body = await post(served, seed)
+            assert status == 200 and body["cache"] == "miss" and body["llm_model"] == UNSUPPORTED
+            assert seeds[-1] == base + n and teacher._draws[prepared.key] == n
+        status, last = await post(served, seed)
+        assert status == 200 and last["cache"] == "hit" and len(seeds) == teacher_mod.STAND_IN_DRAWS
+        # a draw that kept a sentence replaces the summary, and the state's draws are forgotten
+        sections = Sections("El tumor crece.", "Seguir el plan.")
+        kept = teacher._response(hopeless, sections, teacher.llm.name, teacher_mod._origin(()))
+        teacher._settle(teacher_mod.Flight(hopeless, attempt=teacher_mod.STAND_IN_DRAWS), kept)
+        assert teacher.cache.peek(prepared.key) is kept and prepared.key not in teacher._draws
 
 
 async def test_rate_limit_per_headset_is_429_with_retry_after(served, seed):
