@@ -18,11 +18,13 @@ from pulmomed_edge import teacher as teacher_module
 from pulmomed_edge.bench import CONTENT_FALLBACKS
 from pulmomed_edge.canonical import canonicalize
 from pulmomed_edge.config import manifest_path
-from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, SamplingParams
+from pulmomed_edge.engine import DoneEvent, GenerationEngine, GenerationTask, Phase, SamplingParams
 from pulmomed_edge.engine.markers import marker_overlap
 from pulmomed_edge.engine.sampling import SequenceSampler
 from pulmomed_edge.engine.scheduler import (
     MIN_SECTION_TOKENS,
+    RECOMMENDATION_RESERVE,
+    REWIND_ROOM,
     REWINDS_PER_ANSWER,
     STALL_S,
     _ends_sentence,
@@ -1173,6 +1175,33 @@ def test_a_section_at_its_hard_budget_finishes_the_marker_the_model_is_writing()
     assert marker_overlap("…sin ganglios.", SECTION_MARKER) == 0
     assert marker_overlap("…sin ganglios.\nRecomendación:", SECTION_MARKER) == 0  # whole: written
     assert marker_overlap("…sin ganglios.", "") == 0  # the last phase has no marker
+
+
+def test_a_sentence_rejected_near_the_deadline_is_taken_back_while_a_short_one_still_fits():
+    """Class runs: the `fallback-unsupported` answers left were first questions of the busy first
+    minute, whose only sentence was rejected where time pressed, with 3-6 s of the deadline left.
+    Under pressure a rejected sentence is now taken back too, while REWIND_ROOM tokens fit before
+    the deadline at the current pace (and the recommendation's reserve, when one is to come)."""
+    engine = GenerationEngine.__new__(GenerationEngine)  # _may_rewind reads only the pace
+    engine.token_interval_s = 0.1
+    alone = Phase(56, 96, keeps=lambda text: False)
+    task = GenerationTask(prompt=[1], sink=lambda event: None, phases=(alone,))
+    slot = _Slot(seq=0, task=task)
+
+    def fits(seconds_left: float, used: int = 30, pressed: bool = True) -> bool:
+        task.deadline = time.monotonic() + seconds_left
+        return engine._may_rewind(slot, task.phases[slot.phase], used, pressed)
+
+    assert fits(REWIND_ROOM * 0.1 + 0.5) and not fits(REWIND_ROOM * 0.1 - 0.5)
+    assert fits(0.1, pressed=False)  # (time presses only as _pressed says)
+    assert not fits(60, used=alone.hard_tokens)  # no budget left for another sentence
+    slot.rewinds = REWINDS_PER_ANSWER  # the answer took back its share
+    assert not fits(60)
+    slot.rewinds = 0
+    # an explanation with the recommendation still to come keeps that one's reserve too
+    task.phases = (Phase(56, 96, marker=SECTION_MARKER, transition=SECTION_MARKER), Phase(24, 64))
+    assert not fits(REWIND_ROOM * 0.1 + 0.5)
+    assert fits((REWIND_ROOM + RECOMMENDATION_RESERVE) * 0.1 + 0.5)
 
 
 def test_a_section_s_minimum_counts_only_the_tokens_its_text_still_has():

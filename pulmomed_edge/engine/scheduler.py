@@ -74,6 +74,10 @@ MIN_SECTION_TOKENS = 12
 # a sentence its phase's `keeps` rejects is taken back and written again (Phase.keeps), at most
 # this many times per answer: each try costs a sentence of decoding
 REWINDS_PER_ANSWER = 2
+# near its deadline a section ends at its next sentence end (_pressed); a sentence rejected there
+# is still taken back while this many tokens fit before the deadline (a short sentence), plus the
+# recommendation's reserve when one is still to come
+REWIND_ROOM = 24
 BARRED = float("-inf")
 
 
@@ -973,13 +977,25 @@ class GenerationEngine:
         return {token: BARRED for before, token in slot.barred if before == so_far}
 
     def _may_rewind(self, slot: _Slot, phase: Phase, used: int, pressed: bool) -> bool:
-        """Whether a sentence the phase's `keeps` rejected is taken back (_rewind): not when time
-        presses, when no budget is left for another sentence, when the answer has taken back its
-        share, or when the section ends at this sentence anyway (it already has a sentence to keep
-        and is past its soft budget): the final check withholds the sentence then."""
-        if slot.rewinds >= REWINDS_PER_ANSWER or pressed or used >= phase.hard_tokens:
+        """Whether a sentence the phase's `keeps` rejected is taken back (_rewind): not when no
+        budget is left for another sentence, when the answer has taken back its share, when the
+        section ends at this sentence anyway (it already has a sentence to keep and is past its
+        soft budget: the final check withholds the sentence then), or when time presses so that
+        not even a short sentence fits before the deadline.
+
+        Class runs: every `fallback-unsupported` answer left was a first question of the busy
+        first minute, whose only sentence was rejected where time pressed (the section ends at
+        its next sentence end then), with 3-6 s of its deadline left; taking it back under
+        pressure too gives it one more sentence, and costs a failing answer that time."""
+        if slot.rewinds >= REWINDS_PER_ANSWER or used >= phase.hard_tokens:
             return False
-        return not (slot.section_kept and used >= phase.soft_tokens)
+        if slot.section_kept and used >= phase.soft_tokens:
+            return False
+        if not pressed:
+            return True
+        task = slot.task
+        last = task is None or slot.phase >= len(task.phases) - 1
+        return self._tokens_left(slot) >= REWIND_ROOM + (0 if last else RECOMMENDATION_RESERVE)
 
     def _rewind(self, slot: _Slot) -> None:
         """Take back the sentence just ended.
