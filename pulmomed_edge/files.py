@@ -5,26 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
-# younger entries may belong to a build or fetch running right now
-LEFTOVER_AGE_S = 3600
-
 
 def remove_leftovers(folder: Path, patterns: Iterable[str]) -> None:
-    """Remove the entries of `folder` matching `patterns` (temp dirs or files) that are
-    LEFTOVER_AGE_S old or more."""
+    """Remove the entries of `folder` matching `patterns` (temp dirs or files) that a command
+    killed half-way left. Call it holding the folder's lock (take_lock): a command still running
+    would hold it, so every match is a dead one's. (Entries younger than an hour were kept before
+    the lock, in case they were a running command's; a fetch retried at once after a killed one
+    then kept ~1 GB of wheels for that hour.)"""
     if not folder.is_dir():
         return
-    now = time.time()
     for pattern in patterns:
         for leftover in folder.glob(pattern):
             with contextlib.suppress(OSError):
-                if now - leftover.stat().st_mtime < LEFTOVER_AGE_S:
-                    continue
-                if leftover.is_dir():
+                if leftover.is_dir() and not leftover.is_symlink():
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
                     leftover.unlink()

@@ -451,13 +451,13 @@ def test_a_fetch_removes_what_killed_fetches_left(store: ModelStore) -> None:
     (wheels / "big.whl").write_bytes(b"x" * 10)
     partial = store.models_dir / ".tiny-llm.gguf.abc.part"
     partial.write_bytes(b"x")
-    running = store.models_dir / ".download-running"  # a fetch running right now keeps its own
-    running.mkdir()
+    retried = store.models_dir / ".download-a-minute-ago"  # no fetch runs: it would hold the lock
+    retried.mkdir()
     hours_ago = time.time() - 2 * 3600
     for path in (wheels, partial):
         os.utime(path, (hours_ago, hours_ago))
     store.fetch(["tiny-llm"], progress=False)
-    assert not wheels.exists() and not partial.exists() and running.exists()
+    assert not wheels.exists() and not partial.exists() and not retried.exists()
 
 
 @pytest.mark.parametrize("command", ["fetch", "add"])
