@@ -174,8 +174,15 @@ CURATIVE_QUERY = (
     "neoadyuvante o adyuvante"
 )
 RADIOTHERAPY_FOLLOW_UP_QUERY = "seguimiento con TC de tórax tras radioterapia con intención curativa (SBRT)"
+# stage IA on chemotherapy or immunotherapy: neither is part of its treatment, which is local (no
+# benefit of adjuvant chemotherapy in IA in LACE); a blind review flagged «en los estadios I-II la
+# quimioterapia… forma parte de un tratamiento con intención curativa» as too broad for IA
+LOCAL_TREATMENT_QUERY = (
+    "quimioterapia adyuvante en el estadio IA: sin beneficio en LACE, las guías no la recomiendan"
+)
 RESPONSE_QUERY = "estadio IV en tratamiento sin progresión: mantenerlo y evaluar la respuesta con RECIST 1.1"
 NEXT_STEP_QUERIES = {
+    "local": LOCAL_TREATMENT_QUERY,
     "curative": CURATIVE_QUERY,
     "radiotherapy": RADIOTHERAPY_FOLLOW_UP_QUERY,
     "advanced": RESPONSE_QUERY,
@@ -242,15 +249,18 @@ def responding_to_treatment(c: CanonicalState) -> bool:
 
 def next_step(c: CanonicalState, stage: str) -> str | None:
     """What comes next for a patient responding to treatment at `stage`: "curative" (stage I-II,
-    complete the plan), "radiotherapy" (stage I-II, CT follow-up after it) or "advanced" (stage
-    IV, keep it and assess the response); None when not on treatment, or in stage III, whose
-    stage passage names it. Retrieval (NEXT_STEP_QUERIES) and the summary's recommendation
+    complete the plan), "radiotherapy" (stage I-II, CT follow-up after it), "local" (stage IA on
+    chemotherapy or immunotherapy, which are not its treatment: the local one is) or "advanced"
+    (stage IV, keep it and assess the response); None when not on treatment, or in stage III,
+    whose stage passage names it. Retrieval (NEXT_STEP_QUERIES) and the summary's recommendation
     (extractive._NEXT_STEP) both follow it."""
     if not responding_to_treatment(c):
         return None
     group = stage_group(stage)
     if group in ("I", "II"):
-        return "radiotherapy" if c.treatment == "radio" else "curative"
+        if c.treatment == "radio":
+            return "radiotherapy"
+        return "local" if _stage_label(stage).startswith("IA") else "curative"
     return "advanced" if group == "IV" else None
 
 

@@ -66,6 +66,8 @@ _SECOND_LINE = {
 # treatment): in stage I-II to complete the curative plan, or CT follow-up after radiotherapy; in
 # stage IV to keep the treatment and assess the response
 _NEXT_STEP = {
+    # the stage I passage's standard: surgery, or SBRT when the patient is not operable
+    "local": re.compile(r"\btratamiento est[aá]ndar en quien puede operarse\b", re.IGNORECASE),
     "curative": re.compile(r"\bse recomienda completar el plan previsto\b", re.IGNORECASE),
     "radiotherapy": re.compile(r"\bTC de t[oó]rax cada 3 a 6 meses\b", re.IGNORECASE),
     "advanced": re.compile(r"\bse recomienda mantenerlo y evaluar la respuesta\b", re.IGNORECASE),

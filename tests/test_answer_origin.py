@@ -298,6 +298,30 @@ async def test_a_patient_on_treatment_whose_tumour_does_not_grow_is_recommended_
         assert "cirugía" in answer["recomendacion"], answer
 
 
+async def test_a_stage_ia_patient_on_chemotherapy_or_immunotherapy_is_recommended_the_local_treatment(
+    settings,
+):
+    """A blind review: «en los estadios I-II la quimioterapia… forma parte de un tratamiento con
+    intención curativa» is too broad for stage IA, where adjuvant chemotherapy brought no benefit
+    (LACE) and the treatment is local. A stage IA patient on either is now recommended the stage's
+    standard, surgery or SBRT (NCCN), with the passage that says why; never to complete the plan."""
+    async with own_server(with_settings(settings, model="no-such-model")) as served:
+        for treatment in ("quimio", "inmuno"):
+            body = {"edad": 66, "pack_years": 30, "volumen_tumor_sensible": 2.0, "dias_tratamiento": 30}
+            status, answer = await post(served, body | {"tratamiento_activo": treatment})
+            assert status == 200 and answer["estadio"].startswith("IA"), answer
+            recommendation = answer["recomendacion"]
+            assert "resección anatómica (lobectomía)" in recommendation, recommendation
+            assert "SBRT" in recommendation and "completar el plan" not in recommendation
+            cited = answer["fuentes"][int(CITATION.findall(recommendation)[-1]) - 1]
+            assert "NCCN" in cited, cited
+            # why not the chemotherapy: LACE found no benefit in IA
+            assert "adyu-quimio-02" in answer["pasajes"], answer["pasajes"]
+        # after radiotherapy (SBRT is its local treatment) CT follow-up, as before
+        status, answer = await post(served, body | {"tratamiento_activo": "radio"})
+        assert "TC de tórax cada 3 a 6 meses" in answer["recomendacion"], answer
+
+
 async def test_a_current_smoker_is_told_that_quitting_still_matters_an_ex_smoker_is_not(settings):
     """Read after the content fixes: no current smoker's answer mentioned quitting, not even
     SEER_002's, whose teaching goal it is. The summary's recommendation now adds the retrieved

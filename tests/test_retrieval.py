@@ -454,14 +454,16 @@ def test_a_patient_on_treatment_whose_tumour_does_not_grow_is_taught_what_comes_
     """A stage II patient 100 days into chemotherapy was recommended surgery then adjuvant
     chemotherapy: no passage said what to do while a treatment works. Right after the stage now:
     in stage I-II completing the curative plan (CT follow-up after radiotherapy), in stage IV
-    keeping the treatment and assessing the response; stage III's own passage names what follows."""
+    keeping the treatment and assessing the response; stage III's own passage names what follows.
+    In stage IA chemotherapy and immunotherapy are not its treatment: there, why not (LACE)."""
     expected = {
+        "IA": "segui-rt-01" if treatment == "radio" else "adyu-quimio-02",
         "I": "segui-rt-01" if treatment == "radio" else "tratamiento-curativo-estadios-i-ii-01",
         "III": None,
         "IV": "respuesta-evaluacion-recist-01",
     }
     on_treatment = {"tratamiento_activo": treatment, "dias_tratamiento": 100, "lung_state": lung_state}
-    for volume, group in ((1.0, "I"), (20.0, "I"), (90.0, "III")):
+    for volume, group in ((1.0, "IA"), (20.0, "I"), (90.0, "III")):
         ids = [p.id for p in teacher.retrieve(canonicalize(_state(volume, **on_treatment)), None)]
         if expected[group] is None:
             assert not {*expected.values()} & {*ids}, ids
