@@ -1194,7 +1194,12 @@ def test_a_sentence_rejected_near_the_deadline_is_taken_back_while_a_short_one_s
 
     assert fits(REWIND_ROOM * 0.1 + 0.5) and not fits(REWIND_ROOM * 0.1 - 0.5)
     assert fits(0.1, pressed=False)  # (time presses only as _pressed says)
-    assert not fits(60, used=alone.hard_tokens)  # no budget left for another sentence
+    # no budget left for another sentence: a retry needs MIN_SECTION_TOKENS of the hard budget (one
+    # taken back at the answer's start with less had not written a letter at the hard budget, and
+    # the grammar, back at the start, refused the forced transition: no recommendation)
+    assert not fits(60, used=alone.hard_tokens)
+    assert not fits(60, used=alone.hard_tokens - MIN_SECTION_TOKENS + 1)
+    assert fits(60, used=alone.hard_tokens - MIN_SECTION_TOKENS)
     slot.rewinds = REWINDS_PER_ANSWER  # the answer took back its share
     assert not fits(60)
     slot.rewinds = 0

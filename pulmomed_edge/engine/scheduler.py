@@ -978,16 +978,21 @@ class GenerationEngine:
 
     def _may_rewind(self, slot: _Slot, phase: Phase, used: int, pressed: bool) -> bool:
         """Whether a sentence the phase's `keeps` rejected is taken back (_rewind): not when no
-        budget is left for another sentence, when the answer has taken back its share, when the
-        section ends at this sentence anyway (it already has a sentence to keep and is past its
-        soft budget: the final check withholds the sentence then), or when time presses so that
-        not even a short sentence fits before the deadline.
+        budget is left for another sentence (MIN_SECTION_TOKENS of its hard budget), when the
+        answer has taken back its share, when the section ends at this sentence anyway (it
+        already has a sentence to keep and is past its soft budget: the final check withholds the
+        sentence then), or when time presses so that not even a short sentence fits before the
+        deadline.
 
         Class runs: every `fallback-unsupported` answer left was a first question of the busy
         first minute, whose only sentence was rejected where time pressed (the section ends at
         its next sentence end then), with 3-6 s of its deadline left; taking it back under
         pressure too gives it one more sentence, and costs a failing answer that time."""
-        if slot.rewinds >= REWINDS_PER_ANSWER or used >= phase.hard_tokens:
+        # a retry needs room for a sentence: taken back at its answer's very start, with only a
+        # few tokens left, the retry had not written a letter when the section reached its hard
+        # budget, the grammar (back at the start) refused the forced transition there, and the
+        # answer ended without its recommendation (`fallback-error` once in a full test run)
+        if slot.rewinds >= REWINDS_PER_ANSWER or phase.hard_tokens - used < MIN_SECTION_TOKENS:
             return False
         if slot.section_kept and used >= phase.soft_tokens:
             return False
