@@ -988,10 +988,10 @@ class GenerationEngine:
         first minute, whose only sentence was rejected where time pressed (the section ends at
         its next sentence end then), with 3-6 s of its deadline left; taking it back under
         pressure too gives it one more sentence, and costs a failing answer that time."""
-        # a retry needs room for a sentence: taken back at its answer's very start, with only a
-        # few tokens left, the retry had not written a letter when the section reached its hard
-        # budget, the grammar (back at the start) refused the forced transition there, and the
-        # answer ended without its recommendation (`fallback-error` once in a full test run)
+        # a retry needs room for a sentence: taken back at the answer's very start with only a few
+        # tokens left, a retry that has written no letter by the section's hard budget leaves the
+        # grammar where no transition is allowed, and the answer ends without its recommendation
+        # (the likely path of a `fallback-error` seen once in a full test run)
         if slot.rewinds >= REWINDS_PER_ANSWER or phase.hard_tokens - used < MIN_SECTION_TOKENS:
             return False
         if slot.section_kept and used >= phase.soft_tokens:
