@@ -713,9 +713,9 @@ class TeacherService:
         explanation alone (the recommendation is left empty for the summary's to fill).
 
         An answer that ended before its recommendation keeps its explanation, and the summary's
-        recommendation completes it (`origen` says so): once in a full test run, a tight
-        max_new_tokens (40) and a sentence taken back left the test model's answer without its
-        recommendation, and the student got `fallback-error` for it."""
+        recommendation completes it (`origen` says so): once in a full test run the test model's
+        answer, with max_new_tokens 40, ended without its recommendation, and the student got
+        `fallback-error` for it (the likely path is closed in the engine: _may_rewind)."""
         if self.config.recommendation_from_sources:
             return Sections(complete_sentences(generated.strip()), "")
         sections = split_sections(generated)
