@@ -55,7 +55,15 @@ class Bench:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._stdout: list[str] = []
+        # each pipe has one reader: communicate() would read (and close) stderr under the line
+        # reader's feet, which then failed in its thread ("I/O operation on closed file")
+        self._readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=lambda: self._stdout.append(self.proc.stdout.read()), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stderr:
@@ -75,8 +83,10 @@ class Bench:
         return int(line.rsplit("(pid ", 1)[1].rstrip(")\n"))
 
     def finish(self, timeout: float = 120.0) -> tuple[int, str]:
-        stdout, _ = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, stdout
+        self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return self.proc.returncode, "".join(self._stdout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
