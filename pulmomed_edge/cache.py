@@ -36,10 +36,8 @@ class ResponseCache(Generic[V]):
             return item[1]
 
     def __contains__(self, key: object) -> bool:
-        """Whether a valid entry exists; unlike get(), counts neither a hit nor a miss."""
-        with self._lock:
-            item = self._items.get(key)  # type: ignore[call-overload]
-            return item is not None and self._clock() < item[0]
+        """Whether a valid entry exists; unlike get(), counts neither a hit nor a miss (peek)."""
+        return isinstance(key, str) and self.peek(key) is not None
 
     def peek(self, key: str) -> V | None:
         """The valid entry for key, if any; unlike get(), counts neither a hit nor a miss and
