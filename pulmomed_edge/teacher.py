@@ -526,10 +526,13 @@ class TeacherService:
     def _remember_miss(self, flight: Flight) -> None:
         # a student's own miss is always remembered (attempt 0); a preempted try does not count
         attempts = flight.attempt - flight.preempted
+        key = flight.prepared.key
+        # this try supersedes what was pending for the state: left there, a state whose newer
+        # draw (a student's, _redraw) had used up the tries was tried again with an older count,
+        # and so with a seed already drawn
+        self._missed.pop(key, None)
         if not self.config.backfill or attempts >= BACKFILL_ATTEMPTS:
             return
-        key = flight.prepared.key
-        self._missed.pop(key, None)
         self._missed[key] = (flight.prepared, attempts, time.monotonic())
         while len(self._missed) > BACKFILL_PENDING_MAX:
             self._missed.popitem(last=False)

@@ -791,6 +791,10 @@ async def test_backfill_remembers_newest_states_and_gives_up_after_two_tries(ser
     assert service._missed[b.key][1] == 1  # a student took that try's slot: it does not count
     service._remember_miss(teacher_mod.Flight(a))  # asked again: newest now
     assert list(service._missed) == [b.key, a.key]
+    # a student's newer draw of b (_redraw) was withheld too and used up the tries: b is no
+    # longer pending, or the backfill would draw b's second seed again
+    service._remember_miss(teacher_mod.Flight(b, attempt=teacher_mod.BACKFILL_ATTEMPTS))
+    assert list(service._missed) == [a.key]
     # backfill skips states the cache holds; looking does not count as a hit or a miss
     service.cache.put(a.key, live._fallback(a, "x"))
     assert a.key in service.cache and service.cache.stats()["hits"] == 0
