@@ -145,7 +145,9 @@ class Flight:
     result: asyncio.Future[TeacherResponse] | None = None
     runner: asyncio.Task[None] | None = None
     backfill: bool = False  # started by the backfill with nobody asking (stays so once joined)
-    attempt: int = 0  # a backfill's attempt at this state (1, 2…); 0 for a student's request
+    # the draw this is of its state (_draw): 0 for a student's first request, then 1, 2… for the
+    # backfill's tries and students' redraws of a summary that stands in (_redraw)
+    attempt: int = 0
     preempted: bool = False  # a backfill that gave its slot to a student, or stopped unsubmitted
     created: float = 0.0  # time.monotonic() when it started: its budget runs from here
     task: GenerationTask | None = None  # once submitted to the engine
@@ -611,9 +613,6 @@ class TeacherService:
                 crowds = not (late or short) and engine.crowds(new_tokens, grace_s)
                 reason = "late" if late else "short" if short else "crowds" if crowds else None
                 if reason:
-                    if flight.stand_in is not None:  # no time for a new draw: what the cache held
-                        return flight.stand_in
-                    self.busy[reason] += 1
                     log.info(
                         "busy (%s): first word expected after %.1f s, %d tokens would fit; engine: %s",
                         reason,
@@ -621,7 +620,7 @@ class TeacherService:
                         affordable,
                         engine.stats(),
                     )
-                    return self._fallback(prepared, "fallback-busy")  # it could not finish in time anyway
+                    return self._busy(flight, reason)  # it could not finish in time anyway
             max_new = min(max_new, max(MIN_ANSWER_TOKENS, affordable))
             flight.shortened = max_new < self.config.max_new_tokens
             # the engine wraps the answer up before the budget rather than letting it time out
@@ -647,11 +646,7 @@ class TeacherService:
         try:
             llm.engine.submit(task)
         except EngineBusy:
-            if flight.stand_in is not None:
-                return flight.stand_in
-            if not flight.backfill:
-                self.busy["queue"] += 1
-            return self._fallback(prepared, "fallback-busy")
+            return self._busy(flight, "queue")
         except EngineStopped:
             return self._fallback(prepared, "fallback-unavailable")
         except ValueError:
@@ -710,6 +705,15 @@ class TeacherService:
                 if not sections.recomendacion:  # the sources' own: streamed like the model's would be
                     flight.publish("delta", ("recomendacion", response.recomendacion))
                 return response
+
+    def _busy(self, flight: Flight, reason: str) -> TeacherResponse:
+        """What a request the engine is too busy for gets at once: the summary the cache held for
+        a redraw (no draw spent), else `fallback-busy`, counted by why for a student's request."""
+        if flight.stand_in is not None:
+            return flight.stand_in
+        if not flight.backfill:
+            self.busy[reason] += 1
+        return self._fallback(flight.prepared, "fallback-busy")
 
     def _sections(self, generated: str) -> Sections | None:
         """The generated sections; with the recommendation from the sources, the model wrote the
@@ -850,9 +854,9 @@ def _fits(passage: PassageLike, case: LibraryCase | None) -> bool:
 
 
 def _draw(sampling: SamplingParams, attempt: int) -> SamplingParams:
-    """The sampling of a backfill's n-th try at a state: another seed each, so a state whose
-    answer was withheld whole (the same prompt and seed would most likely write it again) gets
-    another draw; a student's request (attempt 0) samples as configured."""
+    """The sampling of the n-th draw of a state (Flight.attempt): another seed each, so a state
+    whose answer was withheld whole (the same prompt and seed would most likely write it again)
+    gets another draw; a student's first request (attempt 0) samples as configured."""
     return dataclasses.replace(sampling, seed=sampling.seed + attempt) if attempt else sampling
 
 
