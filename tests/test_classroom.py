@@ -820,6 +820,20 @@ def test_an_answer_withheld_whole_is_cached_only_when_it_was_written_in_full(ser
     assert not teacher_mod._keeps_in_cache("fallback-busy", full)
 
 
+def _watch_submits(engine: GenerationEngine) -> list[GenerationTask]:
+    """The tasks the engine accepts from now on: its own submit, watched (a full queue raises,
+    and that task is not accepted)."""
+    accepted: list[GenerationTask] = []
+    submit = engine.submit
+
+    def watching(task: GenerationTask) -> None:
+        submit(task)
+        accepted.append(task)
+
+    engine.submit = watching
+    return accepted
+
+
 async def test_an_answer_withheld_whole_stands_in_while_the_backfill_tries_another_draw(settings, seed):
     """Class run: 4 of 6 `fallback-unsupported` answers were cache hits of one state's summary
     (its answer, written in full, was withheld whole, and the same prompt and seed write it
@@ -831,14 +845,7 @@ async def test_an_answer_withheld_whole_stands_in_while_the_backfill_tries_anoth
 
     async with own_server(with_settings(settings, backfill=True)) as served:
         teacher, engine = served.state.teacher, served.state.engine
-        seeds: list[tuple[list[int], int]] = []
-        submit = engine.submit
-
-        def recording(task: GenerationTask) -> None:  # the engine's own submit, watched
-            seeds.append((task.prompt, task.params.seed))
-            submit(task)
-
-        engine.submit = recording
+        accepted = _watch_submits(engine)
         prepared = teacher.prepare(parse_state(seed, teacher.library.ids))
         # whether the test model's answer to this state keeps a sentence depends on the CPU:
         # settle it as one withheld whole, written in full (what _fly does with such an answer)
@@ -855,18 +862,17 @@ async def test_an_answer_withheld_whole_stands_in_while_the_backfill_tries_anoth
             "the backfill's tries",
         )
         base = teacher.config.sampling.seed
-        tries = [s for prompt, s in seeds if prompt == prepared.prompt]
+        tries = [task.params.seed for task in accepted if task.prompt == prepared.prompt]
         assert tries == [base + n for n in range(1, len(tries) + 1)]  # another draw each try
         assert 1 <= len(tries) <= teacher_mod.BACKFILL_ATTEMPTS
         cached = teacher.cache.peek(prepared.key)
         # a try that kept a sentence ended the tries and is what the next student reads
         if cached.llm_model != UNSUPPORTED:
             assert cached.llm_model == teacher.llm.name and cached.frases_retiradas >= 0
-        else:
-            assert len(tries) == teacher_mod.BACKFILL_ATTEMPTS
-        if cached.llm_model != UNSUPPORTED:
             status, again = await post(served, seed)
             assert status == 200 and again["cache"] == "hit" and again["llm_model"] == cached.llm_model
+        else:
+            assert len(tries) == teacher_mod.BACKFILL_ATTEMPTS
         # (a student who asks a state whose summary stands in draws again: the test below)
 
 
@@ -881,14 +887,7 @@ async def test_a_student_asking_a_state_whose_summary_stands_in_gets_another_dra
 
     async with own_server(with_settings(settings, backfill=False)) as served:
         teacher, engine = served.state.teacher, served.state.engine
-        seeds: list[int] = []
-        submit = engine.submit
-
-        def recording(task: GenerationTask) -> None:  # the engine's own submit, watched
-            submit(task)  # (a full queue raises: no draw)
-            seeds.append(task.params.seed)
-
-        engine.submit = recording
+        accepted = _watch_submits(engine)
         state = parse_state(seed, teacher.library.ids)
         prepared = teacher.prepare(state)
         # whether the test model writes a sentence to keep depends on the CPU: with nothing to
@@ -901,15 +900,15 @@ async def test_a_student_asking_a_state_whose_summary_stands_in_gets_another_dra
         busy = dict(teacher.busy)
         status, first = await _busy_answer(served, seed)
         assert status == 200 and first["cache"] == "hit" and first["llm_model"] == UNSUPPORTED
-        assert first["explicacion"] == withheld.explicacion and seeds == [] and teacher.busy == busy
+        assert first["explicacion"] == withheld.explicacion and accepted == [] and teacher.busy == busy
         # an idle one: each student's request is another draw, until the state has had its draws
         base = teacher.config.sampling.seed
         for n in range(1, teacher_mod.STAND_IN_DRAWS + 1):
             status, body = await post(served, seed)
             assert status == 200 and body["cache"] == "miss" and body["llm_model"] == UNSUPPORTED
-            assert seeds[-1] == base + n and teacher._draws[prepared.key] == n
+            assert accepted[-1].params.seed == base + n and teacher._draws[prepared.key] == n
         status, last = await post(served, seed)
-        assert status == 200 and last["cache"] == "hit" and len(seeds) == teacher_mod.STAND_IN_DRAWS
+        assert status == 200 and last["cache"] == "hit" and len(accepted) == teacher_mod.STAND_IN_DRAWS
         # a draw that kept a sentence replaces the summary, and the state's draws are forgotten
         sections = Sections("El tumor crece.", "Seguir el plan.")
         kept = teacher._response(hopeless, sections, teacher.llm.name, teacher_mod._origin(()))
