@@ -11,12 +11,13 @@ words passes (function words and discourse verbs are ignored), which is why the 
 sentence and needs two new terms, not one.
 
 This catches invention, not every error: a sentence built from the sources' own words can still
-misapply them (an adjuvant treatment for a case that does not need it). Two such errors are
+misapply them (an adjuvant treatment for a case that does not need it). Some such errors are
 checked on their own: a sentence that puts the patient in a stage other than theirs
 (`misstates_stage`), one that turns the simulator's resistance model around
-(`inverts_resistance`), one that calls the cancer small-cell (`calls_small_cell`), and one that
-puts the patient "en estado de" something (`glues_state`). A sentence that breaks off on a word
-that cannot end one («…el nervio frénico o.») is withheld too (`breaks_off`).
+(`inverts_resistance`), one that calls the cancer small-cell (`calls_small_cell`), one that
+puts the patient "en estado de" something (`glues_state`), and one that puts the patient where
+only their tumour can be («El paciente está en el tórax», `misplaces_patient`). A sentence that
+breaks off on a word that cannot end one («…el nervio frénico o.») is withheld too (`breaks_off`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .extractive import sentences
-from .lexical import stem, tokenize
+from .lexical import fold, stem, tokenize
 from .prompts import SENTENCE_BREAK, SYSTEM_PROMPT, Sections
 
 MAX_NOVEL = 2  # unsupported terms that withhold a sentence…
@@ -87,7 +88,23 @@ def unsupported(
 ) -> bool:
     """Whether the sentence is withheld: it brings enough terms of its own, or it gives the patient
     a stage other than `stage` (misstates_stage), or it only strings together the terms of the
-    patient line (`patient`, its terms; None: not checked; restates_patient)."""
+    patient line (`patient`, its terms; None: not checked; restates_patient), or it breaks one of
+    the other rules (module docstring)."""
+    return misplaces_patient(sentence) or _misclaims(
+        sentence, support, max_novel=max_novel, stage=stage, patient=patient
+    )
+
+
+def _misclaims(
+    sentence: str,
+    support: frozenset[str],
+    *,
+    max_novel: int,
+    stage: str | None,
+    patient: frozenset[str] | None,
+) -> bool:
+    """`unsupported` but for `misplaces_patient`: a claim of the sentence the sources do not make
+    (what a next sentence written after it may build on)."""
     if misstates_stage(sentence, stage) or inverts_resistance(sentence):
         return True
     if calls_small_cell(sentence) or glues_state(sentence) or breaks_off(sentence):
@@ -182,6 +199,20 @@ def inverts_resistance(sentence: str) -> bool:
 # …»); the small model glues the patient to whatever noun follows
 _IN_STATE_OF = re.compile(r"\ben\s+(?:un\s+)?estado\s+de\b", re.IGNORECASE)
 
+# the patient put in a place or a thing: «El paciente está en el tórax», «…se encuentra en un tumor
+# de hasta 4 cm»; the word after «en» (and an article) is where
+_PATIENT_IN = re.compile(
+    r"^(?:el|este)\s+paciente\s+(?:está|se\s+encuentra)(?:\s+aproximadamente)?\s+en\s+"
+    r"(?:(?:el|la|los|las|un|una)\s+)?(\w+)",
+    re.IGNORECASE,
+)
+# fmt: off
+_NOT_WHERE_A_PATIENT_IS = frozenset({
+    "torax", "pulmon", "mediastino", "region", "lugar", "zona", "posicion",
+    "tumor", "tumores", "nodulo", "cancer", "cpnm", "carcinoma", "adenocarcinoma",
+})
+# fmt: on
+
 
 # words a Spanish sentence cannot end on: conjunctions, prepositions, articles
 # fmt: off
@@ -206,6 +237,19 @@ def glues_state(sentence: str) -> bool:
     enfermedad localmente avanzada» for an inoperable case; «…en estado de radioterapia»; «…en
     estado de cáncer de pulmón no microcítico»), and every word of it was in the prompt."""
     return bool(_IN_STATE_OF.search(sentence))
+
+
+def misplaces_patient(sentence: str) -> bool:
+    """Whether a sentence puts the patient in a place or a thing where only their tumour can be:
+    «El paciente está en el tórax, con un cáncer de pulmón no microcítico avanzado (estadio IV)»
+    (51 of about 900 answers of six class runs, fifteenth round), «…está en un tumor de hasta
+    4 cm», «…está en el cáncer de pulmón no microcítico». Every word is the passages', so the
+    term check passed them; a reviewer read them as nonsense. The patient in a stage, a treatment
+    or a follow-up is not this. «El paciente se describe con dos poblaciones: …» is not caught: the
+    same review read what follows the colon as correct teaching, and an answer without it as
+    poorer."""
+    found = _PATIENT_IN.match(" ".join(sentence.split()))
+    return bool(found) and fold(found.group(1)) in _NOT_WHERE_A_PATIENT_IS
 
 
 # «microcítico» not preceded by «no»: the lexical tokens fold «no microcítico» into one term, so a
@@ -290,6 +334,23 @@ def keeps_a_sentence(
         is_kept(s, support, stage=stage, patient=patient)
         for s in sentences(text)
         if s.endswith((".", "!", "?"))
+    )
+
+
+def worth_retrying(
+    text: str, support: frozenset[str], *, stage: str | None = None, patient: frozenset[str] | None = None
+) -> bool:
+    """Whether a text `keeps_a_sentence` rejects is taken back and written again (a Phase's
+    `retries`): not when each of its whole sentences is withheld only for misplacing the patient
+    («El paciente está en el tórax, …»). Such a sentence is withheld and the model goes on after
+    it: what it writes next does not build on it («Se recomienda mantenerlo y evaluar la respuesta
+    con la misma técnica de imagen…»). Written again instead, the small model's next most likely
+    first sentence was a worse one («El paciente de 71 años, exfumador de 38 paquetes-año, con
+    estado general limitado (ECOG 2: …» broken off), and the good sentence after it was lost."""
+    whole = [s for s in sentences(text) if s.endswith((".", "!", "?"))]
+    return not whole or any(
+        says_nothing(s) or _misclaims(s, support, max_novel=MAX_NOVEL, stage=stage, patient=patient)
+        for s in whole
     )
 
 

@@ -38,7 +38,7 @@ from .engine import (
 from .engine.chat import ChatTemplate
 from .engine.scheduler import common_prefix
 from .extractive import extractive_sections
-from .grounding import SentenceGate, ground_sections, keeps_a_sentence, support_of
+from .grounding import SentenceGate, ground_sections, keeps_a_sentence, support_of, worth_retrying
 from .prompts import (
     ANSWER_GRAMMAR,
     EXPLANATION_GRAMMAR,
@@ -634,7 +634,7 @@ class TeacherService:
             deadline=deadline_s,
             background=flight.backfill and flight.joined_by is None,
             **answer_budget(
-                max_new, explanation_only=self.config.recommendation_from_sources, keeps=self._keeps(prepared)
+                max_new, explanation_only=self.config.recommendation_from_sources, **self._checks(prepared)
             ),
         )
         flight.cancel = task.cancel.set
@@ -756,15 +756,18 @@ class TeacherService:
         response = self._response(prepared, grounded.sections, model, _origin(grounded.filled))
         return response.model_copy(update={"frases_retiradas": len(grounded.withheld)})
 
-    def _keeps(self, prepared: Prepared) -> Callable[[str], bool] | None:
+    def _checks(self, prepared: Prepared) -> dict[str, Callable[[str], bool]]:
         """The check each sentence the model writes must pass (Phase.keeps): one that would be
-        withheld is taken back and written again, and a section with none to keep writes another,
-        so that fewer answers are the summary's (`fallback-unsupported`); None with the grounding
-        check off."""
+        withheld is taken back and written again when it is worth it (Phase.retries), and a
+        section with none to keep writes another, so that fewer answers are the summary's
+        (`fallback-unsupported`); none with the grounding check off."""
         if not self.config.grounding:
-            return None
+            return {}
         support, stage, patient = prepared.support, prepared.stage, prepared.patient
-        return lambda text: keeps_a_sentence(text, support, stage=stage, patient=patient)
+        return {
+            "keeps": lambda text: keeps_a_sentence(text, support, stage=stage, patient=patient),
+            "retries": lambda text: worth_retrying(text, support, stage=stage, patient=patient),
+        }
 
     def _extractive(self, prepared: Prepared) -> Sections:
         numbered = [(n, p.texto) for n, p in with_citation_numbers(prepared.passages)]
@@ -878,7 +881,11 @@ def _keeps_in_cache(llm_model: str, flight: Flight) -> bool:
 
 
 def answer_budget(
-    max_new_tokens: int, *, explanation_only: bool = False, keeps: Callable[[str], bool] | None = None
+    max_new_tokens: int,
+    *,
+    explanation_only: bool = False,
+    keeps: Callable[[str], bool] | None = None,
+    retries: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     """Token budgets for the two sections that never add up to more than max_new_tokens.
 
@@ -889,12 +896,13 @@ def answer_budget(
     with no kept sentence at all is the summary's, `fallback-unsupported`; one kept sentence of
     the explanation is enough to avoid that, so the recommendation is not held: holding both
     made a 16-slot burst's slowest answer 4-9 s later). `explanation_only`: the explanation's
-    budget alone (the recommendation comes from the sources)."""
+    budget alone (the recommendation comes from the sources). `retries` goes with `keeps`
+    (Phase.retries)."""
     expl_hard = max_new_tokens * 3 // 5
     if explanation_only:
         return {
             "max_new_tokens": expl_hard,
-            "phases": (Phase(max_new_tokens * 7 // 20, expl_hard, keeps=keeps),),
+            "phases": (Phase(max_new_tokens * 7 // 20, expl_hard, keeps=keeps, retries=retries),),
         }
     rec_hard = max_new_tokens - expl_hard
     return {
@@ -906,6 +914,7 @@ def answer_budget(
                 marker=SECTION_MARKER,
                 transition=SECTION_MARKER,
                 keeps=keeps,
+                retries=retries,
             ),
             Phase(max_new_tokens * 3 // 20, rec_hard),
         ),

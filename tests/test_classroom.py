@@ -1135,6 +1135,66 @@ async def test_a_rejected_sentence_is_taken_back_and_written_again_otherwise(ser
     assert engine.memory_mismatches() == []
 
 
+async def test_a_rejected_sentence_not_worth_retrying_stays_and_the_model_goes_on_after_it(served):
+    """A sentence withheld only for misplacing the patient («El paciente se describe con dos
+    poblaciones…») is not written again: its next sentence does not build on it, and written
+    again the small model's explanations came back shorter and weaker. The phase's `retries`
+    says so: the rejected sentence stays where it is, the model's own next sentence follows it,
+    and nothing is taken back."""
+    engine, prompt = await _explanation_prompt(served)
+    rejected: list[str] = []
+
+    def keeps(text: str) -> bool:  # the first sentence only
+        if not rejected:
+            rejected.append(text.strip())
+            return False
+        return True
+
+    (plain,) = await asyncio.to_thread(
+        _run_tasks, engine, [prompt], grammar=EXPLANATION_GRAMMAR, **answer_budget(160, explanation_only=True)
+    )
+    before = engine.stats()
+    budget = answer_budget(160, explanation_only=True, keeps=keeps, retries=lambda text: False)
+    (event,) = await asyncio.to_thread(_run_tasks, engine, [prompt], grammar=EXPLANATION_GRAMMAR, **budget)
+    if not rejected:  # greedy text differs by CPU: the premise, not the code
+        pytest.skip("the model wrote no sentence end within its budget")
+    assert engine.stats()["rewound_sentences"] == before["rewound_sentences"]
+    written, unchecked = sentences(event.text), sentences(plain.text)
+    assert written[0] == rejected[0] == unchecked[0]
+    if len(unchecked) > 1 and len(written) > 1:  # greedy: the same next sentence as without a check
+        assert written[1] == unchecked[1]
+
+
+async def test_where_time_presses_a_sentence_passed_over_still_gets_a_next_one(served, monkeypatch):
+    """Where time presses, a section ends at its next sentence end. A class run's answer whose
+    only sentence was passed over (withheld, not retried) then ended there and was the summary's;
+    the next sentence now gets the time a retry would have had. Time is held pressing but with
+    room to spare (the pace is the machine's, and this test is about the rule, not the clock)."""
+    engine, prompt = await _explanation_prompt(served)
+    monkeypatch.setattr(engine, "_pressed", lambda slot: _written(slot) >= MIN_SECTION_TOKENS)
+    monkeypatch.setattr(engine, "_tokens_left", lambda slot: 1000.0)
+    rejected: list[str] = []
+
+    def keeps(text: str) -> bool:  # the first sentence only
+        if not rejected:
+            rejected.append(text.strip())
+            return False
+        return True
+
+    def run(**checks) -> DoneEvent:
+        budget = answer_budget(160, explanation_only=True, **checks)
+        return _run_tasks(engine, [prompt], grammar=EXPLANATION_GRAMMAR, **budget)[0]
+
+    pressed = await asyncio.to_thread(run, keeps=lambda text: True)
+    before = engine.stats()["rewound_sentences"]
+    passed = await asyncio.to_thread(run, keeps=keeps, retries=lambda text: False)
+    if not rejected or len(sentences(pressed.text)) != 1:  # greedy text differs by CPU
+        pytest.skip("the model wrote no whole sentence before its hard budget")
+    written = sentences(passed.text)
+    assert len(written) > 1 and written[0] == rejected[0] == sentences(pressed.text)[0]
+    assert engine.stats()["rewound_sentences"] == before  # nothing was taken back
+
+
 def test_a_sampler_rewinds_its_grammar_to_the_checkpoint(served):
     """Taking a sentence back returns the grammar to where it began: at the answer's start the
     explanation must open with a space (EXPLANATION_GRAMMAR), inside the line it need not."""

@@ -12,11 +12,13 @@ from pulmomed_edge.grounding import (
     ground_sections,
     inverts_resistance,
     keeps_a_sentence,
+    misplaces_patient,
     misstates_stage,
     novel_terms,
     restates_patient,
     support_of,
     unsupported,
+    worth_retrying,
 )
 from pulmomed_edge.prompts import SYSTEM_PROMPT, Sections
 
@@ -247,6 +249,25 @@ CAUGHT_BY_RULE = {
             False,
         ),
     ],
+    misplaces_patient: [
+        # written by the default model (class runs' answers, fifteenth round)
+        ("El paciente está en el tórax, con un cáncer de pulmón no microcítico avanzado (estadio IV).", True),
+        ("El paciente se encuentra en un nódulo sólido periférico de 1.8 cm.", True),
+        ("El paciente está en un tumor de hasta 4 cm, sin ganglios afectados ni metástasis.", True),
+        ("El  paciente está en el cáncer de pulmón no microcítico (CPNM).", True),
+        # the patient in a stage, a treatment or a follow-up; the tumour in its place; the two
+        # populations, whose content a reviewer read as correct teaching
+        ("El paciente se encuentra en el estadio aproximado IIB (T3).", False),
+        ("El paciente está en un estadio IV, con metástasis a distancia.", False),
+        ("El paciente está en tratamiento con quimioterapia.", False),
+        ("El paciente se encuentra aproximadamente en el IIA (T2b).", False),
+        ("El tumor está en el tórax, sin metástasis a distancia.", False),
+        (
+            "El paciente se describe con dos poblaciones: el volumen sensible, formado por células "
+            "que responden al tratamiento, y el volumen resistente, formado por clones que no responden.",
+            False,
+        ),
+    ],
     breaks_off: [
         # written by the default model (thirteenth round), copying a passage sentence
         (
@@ -297,3 +318,19 @@ def test_a_section_keeps_a_sentence_only_when_one_whole_sentence_passes_the_chec
     assert keeps_a_sentence(f"{glued} {good}", support)
     assert not keeps_a_sentence(f"{glued} El estadio I significa un tumor", support)  # unfinished
     assert not keeps_a_sentence("", support)
+
+
+def test_a_sentence_rejected_only_for_misplacing_the_patient_is_not_written_again():
+    """Phase.retries: a sentence withheld for a claim (another stage, invention) is taken back and
+    written again; one withheld only for misplacing the patient is left, and the model goes on."""
+    support = support_of(
+        ["IVA si están en el tórax.", "El estadio II incluye tumores de más de 4 y hasta 5 cm sin "
+         "ganglios (IIA)."]
+    )  # fmt: skip
+    misplaced = "El paciente está en el tórax, con un tumor de más de 4 y hasta 5 cm sin ganglios (IIA)."
+    wrong_stage = "El paciente está en el estadio IV."
+    assert not keeps_a_sentence(misplaced, support, stage="IIA (T2b)")
+    assert not worth_retrying(misplaced, support, stage="IIA (T2b)")
+    assert worth_retrying(wrong_stage, support, stage="IIA (T2b)")
+    assert worth_retrying(f"{misplaced} {wrong_stage}", support, stage="IIA (T2b)")
+    assert worth_retrying("[1].", support)  # says nothing: written again, as before

@@ -91,7 +91,10 @@ class Phase:
     sentence, says whether the answer will keep it (the grounding check). One it rejects is taken
     back (its cells are dropped and the model writes that sentence again, its least likely choice
     barred), up to REWINDS_PER_ANSWER times, so the next sentence does not build on a wrong one;
-    the rejected text stays in the answer's text, where the same check withholds it again. While
+    the rejected text stays in the answer's text, where the same check withholds it again.
+    `retries`, given a sentence `keeps` rejected, says whether it is taken back (None: always);
+    one it is not is left where it is and the model goes on after it, where time presses too
+    when the section has nothing to keep yet (as a retry would: `_may_rewind` decides). While
     the section has no sentence to keep, it goes on past `soft_tokens` and the model may not end
     it, up to `hard_tokens`, unless time presses. It runs on the engine's thread at each sentence
     end, so it must be a quick pure function."""
@@ -101,6 +104,7 @@ class Phase:
     marker: str = ""
     transition: str = ""
     keeps: Callable[[str], bool] | None = None
+    retries: Callable[[str], bool] | None = None
 
 
 @dataclass
@@ -205,7 +209,7 @@ class _Slot:
     since_mark: list[tuple[int, float]] = field(default_factory=list)
     # choices a try taken back made at the mark: (the tokens before it, the token), barred there
     barred: list[tuple[list[int], int]] = field(default_factory=list)
-    rewinds: int = 0
+    rewinds: int = 0  # sentences taken back, or passed over where time pressed (REWINDS_PER_ANSWER)
     phase_rewound: int = 0  # tokens this section took back: computed, but not in its text
     reused: int = 0
     started: float = 0.0
@@ -924,17 +928,26 @@ class GenerationEngine:
             return
         pressed = self._pressed(slot)
         newest = slot.text[slot.mark_chars :]
+        passed_over = False
         # (only a space since the mark, as after a rewind, is no new sentence)
         if at_sentence_end and phase.keeps is not None and newest.strip():
             kept = phase.keeps(newest)
             if not kept and self._may_rewind(slot, phase, used, pressed):
-                self._rewind(slot)
-                return
+                if phase.retries is None or phase.retries(newest):
+                    self._rewind(slot)
+                    return
+                # left where it is (Phase.retries); where time presses and the section has
+                # nothing to keep, the next sentence gets the time a retry would have had, and
+                # counts as one
+                if pressed and not slot.section_kept:
+                    passed_over = True
+                    slot.rewinds += 1
             slot.section_kept = slot.section_kept or kept
             self._mark(slot)
         # nothing in the section a student will read yet (every sentence would be withheld):
         # another sentence, within the hard budget, rather than an answer left to the summary
         wrap_up = (used >= phase.soft_tokens and not _held(phase, slot, pressed)) or pressed
+        wrap_up = wrap_up and not passed_over
         if (wrap_up and at_sentence_end) or used >= phase.hard_tokens:
             if last:
                 self._finish(slot, "stop" if at_sentence_end else "length")
