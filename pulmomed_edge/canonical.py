@@ -181,11 +181,18 @@ LOCAL_TREATMENT_QUERY = (
     "quimioterapia adyuvante en el estadio IA: sin beneficio en LACE, las guías no la recomiendan"
 )
 RESPONSE_QUERY = "estadio IV en tratamiento sin progresión: mantenerlo y evaluar la respuesta con RECIST 1.1"
+# stage IV on radiotherapy: a local treatment, for symptoms, while the systemic one controls the
+# disease (not "cycles" of it to assess)
+STAGE_IV_RADIOTHERAPY_QUERY = (
+    "estadio IV en radioterapia: la radioterapia alivia síntomas mientras el tratamiento sistémico "
+    "controla la enfermedad"
+)
 NEXT_STEP_QUERIES = {
     "local": LOCAL_TREATMENT_QUERY,
     "curative": CURATIVE_QUERY,
     "radiotherapy": RADIOTHERAPY_FOLLOW_UP_QUERY,
     "advanced": RESPONSE_QUERY,
+    "advanced-radiotherapy": STAGE_IV_RADIOTHERAPY_QUERY,
 }
 _MANY_RESISTANT = ("10-30 %", "más del 30 %")
 
@@ -250,10 +257,13 @@ def responding_to_treatment(c: CanonicalState) -> bool:
 def next_step(c: CanonicalState, stage: str) -> str | None:
     """What comes next for a patient responding to treatment at `stage`: "curative" (stage I-II,
     complete the plan), "radiotherapy" (stage I-II, CT follow-up after it), "local" (stage IA on
-    chemotherapy or immunotherapy, which are not its treatment: the local one is) or "advanced"
-    (stage IV, keep it and assess the response); None when not on treatment, or in stage III,
-    whose stage passage names it. Retrieval (NEXT_STEP_QUERIES) and the summary's recommendation
-    (extractive._NEXT_STEP) both follow it."""
+    chemotherapy or immunotherapy, which are not its treatment: the local one is), "advanced"
+    (stage IV, keep it and assess the response) or "advanced-radiotherapy" (stage IV on
+    radiotherapy: a local treatment for symptoms, while the systemic one controls the disease; a
+    review read «evaluar la respuesta… tras dos o tres ciclos» for it as radiotherapy given in
+    cycles); None when not on treatment, or in stage III, whose stage passage names it.
+    Retrieval (NEXT_STEP_QUERIES) and the summary's recommendation (extractive._NEXT_STEP) both
+    follow it."""
     if not responding_to_treatment(c):
         return None
     group = stage_group(stage)
@@ -261,7 +271,9 @@ def next_step(c: CanonicalState, stage: str) -> str | None:
         if c.treatment == "radio":
             return "radiotherapy"
         return "local" if _stage_label(stage).startswith("IA") else "curative"
-    return "advanced" if group == "IV" else None
+    if group == "IV":
+        return "advanced-radiotherapy" if c.treatment == "radio" else "advanced"
+    return None
 
 
 def progressing_on_treatment(c: CanonicalState) -> bool:

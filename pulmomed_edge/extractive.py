@@ -64,13 +64,16 @@ _SECOND_LINE = {
 # What a patient on treatment whose tumour does not grow is told, by stage (a stage II patient 100
 # days into chemotherapy was offered surgery then adjuvant chemotherapy, the stage's first
 # treatment): in stage I-II to complete the curative plan, or CT follow-up after radiotherapy; in
-# stage IV to keep the treatment and assess the response
+# stage IV to keep the treatment and assess the response (on radiotherapy, what radiotherapy is for
+# there)
 _NEXT_STEP = {
     # the stage I passage's standard: surgery, or SBRT when the patient is not operable
     "local": re.compile(r"\btratamiento est[aá]ndar en quien puede operarse\b", re.IGNORECASE),
     "curative": re.compile(r"\bse recomienda completar el plan previsto\b", re.IGNORECASE),
     "radiotherapy": re.compile(r"\bTC de t[oó]rax cada 3 a 6 meses\b", re.IGNORECASE),
     "advanced": re.compile(r"\bse recomienda mantenerlo y evaluar la respuesta\b", re.IGNORECASE),
+    # radiotherapy in stage IV relieves symptoms while the systemic treatment controls the disease
+    "advanced-radiotherapy": re.compile(r"\bse usan sobre todo para aliviar s[ií]ntomas\b", re.IGNORECASE),
 }
 
 # a sentence that tells a smoker to quit («Dejar de fumar después del diagnóstico… sigue siendo

@@ -262,7 +262,9 @@ async def test_a_patient_on_treatment_whose_tumour_does_not_grow_is_recommended_
     patient's next step. On treatment and not progressing, the recommendation is now, cited to
     its source: in stage I-II to complete the curative plan (NCCN), or after radiotherapy CT
     follow-up; in stage III the stage's standard (it names the consolidation that follows
-    chemoradiotherapy); in stage IV to keep the treatment and assess its response (ESMO)."""
+    chemoradiotherapy); in stage IV to keep the treatment and assess its response (ESMO), and on
+    radiotherapy there what it is for: symptoms, while the systemic treatment controls the
+    disease (NCCN)."""
     async with own_server(with_settings(settings, model="no-such-model")) as served:
         seer_004 = case_request(served.state.library.get("SEER_004_estadio_IV_metastasis"))
         for treatment in ("quimio", "radio", "inmuno"):
@@ -283,6 +285,12 @@ async def test_a_patient_on_treatment_whose_tumour_does_not_grow_is_recommended_
                     stage = answer["estadio"]
                     if stage.startswith("III"):
                         assert "durvalumab" in recommendation, (body, recommendation)
+                    elif stage.startswith("IV") and treatment == "radio":
+                        # a local treatment there: for symptoms, while the systemic one controls
+                        # the disease (not «tras dos o tres ciclos» of radiotherapy)
+                        assert "aliviar síntomas" in recommendation, (body, answer)
+                        assert "ciclos" not in recommendation, recommendation
+                        assert cited.startswith("NCCN"), cited
                     elif stage.startswith("IV"):
                         assert "mantenerlo y evaluar la respuesta" in recommendation, (body, answer)
                         assert cited.startswith("ESMO Clinical Practice Guidelines"), cited

@@ -460,7 +460,8 @@ def test_a_patient_on_treatment_whose_tumour_does_not_grow_is_taught_what_comes_
         "IA": "segui-rt-01" if treatment == "radio" else "adyu-quimio-02",
         "I": "segui-rt-01" if treatment == "radio" else "tratamiento-curativo-estadios-i-ii-01",
         "III": None,
-        "IV": "respuesta-evaluacion-recist-01",
+        # on radiotherapy: what radiotherapy is for in stage IV (symptoms), not cycles to assess
+        "IV": "meta-tratamiento-local-01" if treatment == "radio" else "respuesta-evaluacion-recist-01",
     }
     on_treatment = {"tratamiento_activo": treatment, "dias_tratamiento": 100, "lung_state": lung_state}
     for volume, group in ((1.0, "IA"), (20.0, "I"), (90.0, "III")):
