@@ -243,7 +243,7 @@ class TeacherService:
         self._last_live = -math.inf  # when the last live generation started (monotonic)
         self._backfiller: asyncio.Task[None] | None = None
         self.backfill_started = 0  # background generations started (preempted ones included)
-        self.backfilled = 0  # answers generated in the background and cached
+        self.backfilled = 0  # the model's answers generated in the background and cached
         # model answers checked against their sources; those trimmed; sentences withheld
         self.grounding = {"answers": 0, "trimmed": 0, "sentences": 0}
         # answers that ran out of budget: before their first word (admission misjudged the wait),
@@ -473,8 +473,8 @@ class TeacherService:
             self._missed.pop(key, None)
             if response.llm_model != UNSUPPORTED:
                 self._draws.pop(key, None)
-            if flight.backfill:
-                self.backfilled += 1
+                if flight.backfill:  # the status page's "listas": the model's answers only
+                    self.backfilled += 1
         # an answer withheld whole is tried again in the background, another draw each try
         # (_draw): the cached summary stands in until a try writes a sentence to keep
         if (response.llm_model in BUSY_KINDS or response.llm_model == UNSUPPORTED) and not flight.abandoned:

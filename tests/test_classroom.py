@@ -866,6 +866,8 @@ async def test_an_answer_withheld_whole_stands_in_while_the_backfill_tries_anoth
         assert tries == [base + n for n in range(1, len(tries) + 1)]  # another draw each try
         assert 1 <= len(tries) <= teacher_mod.BACKFILL_ATTEMPTS
         cached = teacher.cache.peek(prepared.key)
+        # the status page's "answered" counts the model's answers only, never a summary
+        assert teacher.backfill_stats()["answered"] == (cached.llm_model != UNSUPPORTED)
         # a try that kept a sentence ended the tries and is what the next student reads
         if cached.llm_model != UNSUPPORTED:
             assert cached.llm_model == teacher.llm.name and cached.frases_retiradas >= 0
