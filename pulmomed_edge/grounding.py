@@ -242,8 +242,8 @@ def glues_state(sentence: str) -> bool:
 def misplaces_patient(sentence: str) -> bool:
     """Whether a sentence puts the patient in a place or a thing where only their tumour can be:
     «El paciente está en el tórax, con un cáncer de pulmón no microcítico avanzado (estadio IV)»
-    (51 of about 900 answers of six class runs, fifteenth round), «…está en un tumor de hasta
-    4 cm», «…está en el cáncer de pulmón no microcítico». Every word is the passages', so the
+    (23 of the 920 model answers of the fifteenth round's six class runs), «…está en un tumor de
+    hasta 4 cm», «…está en el cáncer de pulmón no microcítico». Every word is the passages', so the
     term check passed them; a reviewer read them as nonsense. The patient in a stage, a treatment
     or a follow-up is not this. «El paciente se describe con dos poblaciones: …» is not caught: the
     same review read what follows the colon as correct teaching, and an answer without it as
