@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from conftest import cli_env, generated, health, own_server, read_stream, with_settings
@@ -1137,20 +1138,27 @@ async def test_a_rejected_sentence_is_taken_back_and_written_again_otherwise(ser
     assert engine.memory_mismatches() == []
 
 
-async def test_a_rejected_sentence_not_worth_retrying_stays_and_the_model_goes_on_after_it(served):
-    """A sentence withheld only for misplacing the patient («El paciente se describe con dos
-    poblaciones…») is not written again: its next sentence does not build on it, and written
-    again the small model's explanations came back shorter and weaker. The phase's `retries`
-    says so: the rejected sentence stays where it is, the model's own next sentence follows it,
-    and nothing is taken back."""
-    engine, prompt = await _explanation_prompt(served)
+def _first_sentence_rejected() -> tuple[list[str], Callable[[str], bool]]:
+    """A phase's `keeps` that rejects the first sentence it is asked about, and where it is kept."""
     rejected: list[str] = []
 
-    def keeps(text: str) -> bool:  # the first sentence only
+    def keeps(text: str) -> bool:
         if not rejected:
             rejected.append(text.strip())
             return False
         return True
+
+    return rejected, keeps
+
+
+async def test_a_rejected_sentence_not_worth_retrying_stays_and_the_model_goes_on_after_it(served):
+    """A sentence withheld only for misplacing the patient («El paciente está en el tórax…») is
+    not written again: its next sentence does not build on it, and written again the small
+    model's first sentences came back weaker. The phase's `retries`
+    says so: the rejected sentence stays where it is, the model's own next sentence follows it,
+    and nothing is taken back."""
+    engine, prompt = await _explanation_prompt(served)
+    rejected, keeps = _first_sentence_rejected()
 
     (plain,) = await asyncio.to_thread(
         _run_tasks, engine, [prompt], grammar=EXPLANATION_GRAMMAR, **answer_budget(160, explanation_only=True)
@@ -1175,13 +1183,7 @@ async def test_where_time_presses_a_sentence_passed_over_still_gets_a_next_one(s
     engine, prompt = await _explanation_prompt(served)
     monkeypatch.setattr(engine, "_pressed", lambda slot: _written(slot) >= MIN_SECTION_TOKENS)
     monkeypatch.setattr(engine, "_tokens_left", lambda slot: 1000.0)
-    rejected: list[str] = []
-
-    def keeps(text: str) -> bool:  # the first sentence only
-        if not rejected:
-            rejected.append(text.strip())
-            return False
-        return True
+    rejected, keeps = _first_sentence_rejected()
 
     def run(**checks) -> DoneEvent:
         budget = answer_budget(160, explanation_only=True, **checks)
