@@ -990,7 +990,8 @@ class GenerationEngine:
         return {token: BARRED for before, token in slot.barred if before == so_far}
 
     def _may_rewind(self, slot: _Slot, phase: Phase, used: int, pressed: bool) -> bool:
-        """Whether a sentence the phase's `keeps` rejected is taken back (_rewind): not when no
+        """Whether a sentence the phase's `keeps` rejected is taken back (_rewind), or, when it is
+        not worth a retry (Phase.retries), passed over with a retry's time: not when no
         budget is left for another sentence (MIN_SECTION_TOKENS of its hard budget), when the
         answer has taken back its share, when the section ends at this sentence anyway (it
         already has a sentence to keep and is past its soft budget: the final check withholds the
