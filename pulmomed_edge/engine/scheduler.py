@@ -53,6 +53,13 @@ def _written(slot: _Slot) -> int:
     return slot.new_tokens - slot.phase_start_tokens - slot.phase_rewound
 
 
+def _reserved(slot: _Slot) -> int:
+    """The tokens an answer keeps for the sections still to come: the recommendation's reserve
+    while an earlier section is written, none in the last one."""
+    task = slot.task
+    return RECOMMENDATION_RESERVE if task is not None and slot.phase < len(task.phases) - 1 else 0
+
+
 def _held(phase: Phase, slot: _Slot, pressed: bool) -> bool:
     """Whether the section goes on past its soft budget, and the model may not end it: its phase
     checks what it keeps (`Phase.keeps`), nothing so far would be kept, and time does not press."""
@@ -871,14 +878,10 @@ class GenerationEngine:
         The explanation keeps room for a short recommendation. Time never cuts a sentence: a
         section first gets MIN_SECTION_TOKENS, and only whole sentences end early, so a class that
         got busier gets shorter complete answers (or, if even that is too late, the fallback)."""
-        task = slot.task
-        assert task is not None
+        assert slot.task is not None
         if _written(slot) < MIN_SECTION_TOKENS:
             return False
-        left = self._tokens_left(slot)
-        if slot.phase < len(task.phases) - 1:
-            return left < RECOMMENDATION_RESERVE + WRAP_UP_TOKENS
-        return left < WRAP_UP_TOKENS
+        return self._tokens_left(slot) < _reserved(slot) + WRAP_UP_TOKENS
 
     def _logit_bias(self, slot: _Slot) -> dict[int, float] | None:
         """No new line before a section has its minimum; past its soft budget, or near the
@@ -917,7 +920,7 @@ class GenerationEngine:
         used = slot.new_tokens - slot.phase_start_tokens
         at_sentence_end = _ends_sentence(slot.text)
         section = slot.text[slot.phase_start_chars :]
-        overdue = self._tokens_left(slot) <= (0 if last else RECOMMENDATION_RESERVE)
+        overdue = self._tokens_left(slot) <= _reserved(slot)
         if overdue and _has_sentence(section) and not at_sentence_end:
             # out of time mid-sentence: close the section after its last whole sentence (the
             # answer's text drops the unfinished one) rather than let the student time out
@@ -1010,11 +1013,7 @@ class GenerationEngine:
             return False
         if slot.section_kept and used >= phase.soft_tokens:
             return False
-        if not pressed:
-            return True
-        task = slot.task
-        last = task is None or slot.phase >= len(task.phases) - 1
-        return self._tokens_left(slot) >= REWIND_ROOM + (0 if last else RECOMMENDATION_RESERVE)
+        return not pressed or self._tokens_left(slot) >= REWIND_ROOM + _reserved(slot)
 
     def _rewind(self, slot: _Slot) -> None:
         """Take back the sentence just ended.
