@@ -36,6 +36,7 @@ MAX_NOVEL = 2  # unsupported terms that withhold a sentence…
 MIN_NOVEL_SHARE = 0.25  # …if they are also this share of its terms (a long paraphrase may pass)
 _MIN_TERM = 4  # shorter stems ("mas", "vez") carry no claim; numbers always count
 _CITATION = re.compile(r"\[\d+(?:\s*,\s*\d+)*\]")
+_SENTENCE_ENDS = (".", "!", "?")
 
 # Words an explanation uses to talk about the case rather than to claim something about it.
 _DISCOURSE_TEXT = """
@@ -306,7 +307,7 @@ class SentenceGate:
 
     def _close(self, section: str) -> list[tuple[str, str]]:
         rest, self._pending[section] = self._pending[section].strip(), ""
-        return self._release(section, rest) if rest.endswith((".", "!", "?")) else []
+        return self._release(section, rest) if rest.endswith(_SENTENCE_ENDS) else []
 
     def _release(self, section: str, sentence: str) -> list[tuple[str, str]]:
         sentence = " ".join(sentence.split())
@@ -330,11 +331,12 @@ def keeps_a_sentence(
     """Whether text has a whole sentence the check would keep (a Phase's `keeps`, asked of each
     sentence the model ends: the engine takes a rejected one back and writes it again, and lets a
     section with none to keep write another)."""
-    return any(
-        is_kept(s, support, stage=stage, patient=patient)
-        for s in sentences(text)
-        if s.endswith((".", "!", "?"))
-    )
+    return any(is_kept(s, support, stage=stage, patient=patient) for s in _whole_sentences(text))
+
+
+def _whole_sentences(text: str) -> list[str]:
+    """The sentences of text that are finished (a trailing unfinished one is never judged)."""
+    return [s for s in sentences(text) if s.endswith(_SENTENCE_ENDS)]
 
 
 def worth_retrying(
@@ -347,7 +349,7 @@ def worth_retrying(
     con la misma técnica de imagen…»). Written again instead, the small model's next most likely
     first sentence was a worse one («El paciente de 71 años, exfumador de 38 paquetes-año, con
     estado general limitado (ECOG 2: …» broken off), and the good sentence after it was lost."""
-    whole = [s for s in sentences(text) if s.endswith((".", "!", "?"))]
+    whole = _whole_sentences(text)
     return not whole or any(
         says_nothing(s) or _misclaims(s, support, max_novel=MAX_NOVEL, stage=stage, patient=patient)
         for s in whole
