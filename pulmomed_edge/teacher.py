@@ -431,8 +431,9 @@ class TeacherService:
         stand_in: TeacherResponse | None = None,
     ) -> Flight:
         """Register a flight for this state (identical requests join it) and start generating."""
-        flight = Flight(prepared, backfill=backfill, attempt=attempt, stand_in=stand_in)
-        flight.created = time.monotonic()
+        flight = Flight(
+            prepared, backfill=backfill, attempt=attempt, created=time.monotonic(), stand_in=stand_in
+        )
         flight.result = asyncio.get_running_loop().create_future()
         self._flights[prepared.key] = flight
         flight.runner = asyncio.create_task(self._fly(flight))

@@ -1154,9 +1154,8 @@ def _first_sentence_rejected() -> tuple[list[str], Callable[[str], bool]]:
 async def test_a_rejected_sentence_not_worth_retrying_stays_and_the_model_goes_on_after_it(served):
     """A sentence withheld only for misplacing the patient («El paciente está en el tórax…») is
     not written again: its next sentence does not build on it, and written again the small
-    model's first sentences came back weaker. The phase's `retries`
-    says so: the rejected sentence stays where it is, the model's own next sentence follows it,
-    and nothing is taken back."""
+    model's first sentences came back weaker. The phase's `retries` says so: the rejected sentence
+    stays where it is, the model's own next sentence follows it, and nothing is taken back."""
     engine, prompt = await _explanation_prompt(served)
     rejected, keeps = _first_sentence_rejected()
 
